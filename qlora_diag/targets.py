@@ -1,0 +1,76 @@
+"""LoRA target presets -> each architecture's module names, checked against the model.
+
+PEFT accepts a partly wrong ``target_modules`` list (it errors only when *none* match), so every
+name is checked here: a misspelt module is an error, not a silently smaller adapter.
+"""
+from __future__ import annotations
+
+import torch
+
+from qlora_diag.config import PRESETS
+from qlora_diag.errors import UserError
+
+_LLAMA = {
+    "qv": ["q_proj", "v_proj"],
+    "kv": ["k_proj", "v_proj"],
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "attn_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+# GPT-2 fuses Q, K and V in one Conv1D (c_attn): presets that split them cannot be expressed.
+_GPT2 = {
+    "attn": ["attn.c_attn", "attn.c_proj"],
+    "attn_mlp": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "all_linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+}
+PRESET_MODULES = {model_type: _LLAMA for model_type in
+                  ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo")}
+PRESET_MODULES["gpt2"] = _GPT2
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the adaptable linear layers (nn.Linear, bnb Linear4bit, GPT-2 Conv1D),
+    excluding the LM head."""
+    out = []
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if kind in ("Linear", "Linear4bit", "Conv1D") and not name.endswith("lm_head"):
+            out.append(name)
+    return out
+
+
+def resolve_targets(model: torch.nn.Module, targets: str, key: str = "lora.targets") -> list[str]:
+    """Module-name suffixes for PEFT's ``target_modules``; every one must match a linear layer."""
+    model_type = model.config.model_type
+    if targets in PRESETS:
+        table = PRESET_MODULES.get(model_type)
+        if table is None:
+            raise UserError(f"{key} = {targets!r}: presets are not defined for architecture "
+                            f"{model_type!r} (known: {', '.join(sorted(PRESET_MODULES))}); give "
+                            "module names instead, e.g. a list from its linear layers")
+        if targets not in table:
+            raise UserError(f"{key} = {targets!r}: architecture {model_type!r} cannot express "
+                            f"this preset (e.g. GPT-2 fuses Q, K and V in c_attn); presets it "
+                            f"supports: {', '.join(table)}")
+        names = table[targets]
+    else:
+        names = targets.split(",")
+    linear = linear_module_names(model)
+    missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in linear)]
+    if missing:
+        examples = sorted({m.split(".")[-1] for m in linear})
+        raise UserError(f"{key}: module name(s) {', '.join(missing)} match no linear layer of "
+                        f"this {model_type} model; its linear layers end in: {', '.join(examples)}")
+    return names
+
+
+def min_adapted_dim(model: torch.nn.Module, names: list[str]) -> int:
+    """Smallest in/out dimension over the adapted layers: the largest meaningful LoRA rank."""
+    dims = []
+    for full, mod in model.named_modules():
+        if any(full == n or full.endswith("." + n) for n in names) and hasattr(mod, "weight"):
+            if type(mod).__name__ == "Linear4bit":
+                dims += [mod.in_features, mod.out_features]
+            else:
+                dims += list(mod.weight.shape)
+    return min(dims)

@@ -1,0 +1,19 @@
+"""Stage `base`: resolve base.model and save it once as a plain HF directory (models/base)."""
+from qlora_diag.atomic import write_json
+from qlora_diag.cli import run_stage
+from qlora_diag.config import load_params
+from qlora_diag.models import materialize_base
+
+OUT = "models/base"
+
+
+def main() -> None:
+    params = load_params("params.yaml")
+    info = materialize_base(params.base.model, OUT, dtype=params.base.dtype)
+    write_json(f"{OUT}/base_info.json", info)
+    print(f"base: {info['source']} -> {OUT} ({info['n_params'] / 1e6:.1f} M parameters, "
+          f"{info['dtype']})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
