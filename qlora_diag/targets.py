@@ -74,3 +74,17 @@ def min_adapted_dim(model: torch.nn.Module, names: list[str]) -> int:
             else:
                 dims += list(mod.weight.shape)
     return min(dims)
+
+
+def parse_module_name(full_name: str) -> tuple[int, str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "q_proj")``; GPT-2's
+    ``transformer.h.3.attn.c_proj`` -> ``(3, "attn.c_proj")`` (c_proj alone is ambiguous there).
+
+    The layer is the first integer component; -1 when there is none.
+    """
+    parts = full_name.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), -1)
+    module = parts[-1]
+    if module in ("c_proj", "c_attn", "c_fc") and len(parts) >= 2:
+        module = f"{parts[-2]}.{module}"
+    return layer, module
