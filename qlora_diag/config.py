@@ -19,7 +19,7 @@ from qlora_diag.errors import ParamsError, UserError
 
 PRESETS = ("qv", "kv", "attn", "attn_mlp", "all_linear")
 QUANT_TYPES = ("nf4", "fp4")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("auto", "adamw_torch", "paged_adamw_32bit")
 EMBEDDED_DATA = ("embedded:probe",)

@@ -1,0 +1,290 @@
+"""Data: load ``data.source``, split it, format Alpaca prompts, tokenize with a response-only mask.
+
+Sources: ``embedded:probe`` (:mod:`qlora_diag.probe`), a local Alpaca ``.json`` (a list of
+objects) or ``.jsonl`` (one object per line) file, or a Hugging Face data set id. Bad input
+becomes one :class:`~qlora_diag.errors.UserError` paragraph naming the file, line and key.
+
+A prepared split is a JSON-lines file; each line holds ``id, task, instruction, input, output,
+prompt, input_ids, n_prompt, truncated``. The loss is taken on positions ``>= n_prompt`` only
+(the response and its eos token), so the adapters learn to answer, not to copy the template.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from qlora_diag.atomic import atomic_dir
+from qlora_diag.errors import UserError
+from qlora_diag.probe import generate_probe
+
+PROBE = "embedded:probe"
+SOURCE_KINDS = ("embedded:probe, a local Alpaca-format .json (a list of objects) or .jsonl "
+                "(one object per line) file, or a Hugging Face data set id such as "
+                "tatsu-lab/alpaca")
+ALPACA_KEYS = "instruction (string), output (non-empty string), input (string, optional), " \
+              "task (string, optional)"
+DEFAULT_TASK = "alpaca"
+SPLITS = ("train", "eval")
+
+# Stanford Alpaca's templates, verbatim (github.com/tatsu-lab/stanford_alpaca, train.py).
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input: str) -> str:  # noqa: A002 -- Alpaca's field name
+    """The Alpaca prompt, with the Input section only when ``input`` is non-empty."""
+    if input.strip():
+        return PROMPT_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_examples(source: str, n_needed: int, seed: int) -> list[dict]:
+    """Records ``{instruction, input, output, task}`` from ``source``.
+
+    ``n_needed`` and ``seed`` only matter for ``embedded:probe``, which generates exactly
+    ``n_needed`` examples from ``seed``; file and hub sources return all their records.
+    """
+    if source == PROBE:
+        return generate_probe(n_needed, seed)
+    if source.startswith("embedded:"):
+        raise UserError(f"data.source = {source!r}: unknown embedded data set; valid sources: "
+                        f"{SOURCE_KINDS}")
+    if source.endswith(".jsonl"):
+        return _load_jsonl(Path(source))
+    if source.endswith(".json"):
+        return _load_json(Path(source))
+    return _load_hub(source)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"data.source = {str(path)!r}: file not found; give an existing file "
+                        f"(paths are relative to the repository root) or another source: "
+                        f"{SOURCE_KINDS}") from None
+    except IsADirectoryError:
+        raise UserError(f"data.source = {str(path)!r}: is a directory, not a .json/.jsonl "
+                        "file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.source = {str(path)!r}: cannot read the file ({exc}); it must "
+                        "be a readable UTF-8 text file") from None
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    records = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}); a .jsonl file holds one JSON object per line with "
+                            f"keys {ALPACA_KEYS}") from None
+        records.append(_check_record(obj, f"{path} line {lineno}"))
+    if not records:
+        raise UserError(f"{path}: holds no records; a .jsonl file needs one JSON object per line "
+                        f"with keys {ALPACA_KEYS}")
+    return records
+
+
+def _load_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON "
+                        f"({exc.msg}); a .json source holds a list of objects with keys "
+                        f"{ALPACA_KEYS}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: the top level is a {type(data).__name__}, not a list; a .json "
+                        f"source holds a list of objects with keys {ALPACA_KEYS} (one object "
+                        "per line is the .jsonl format)")
+    if not data:
+        raise UserError(f"{path}: the list is empty; it needs objects with keys {ALPACA_KEYS}")
+    # json gives no line numbers per element, so records are named by their 1-based position.
+    return [_check_record(obj, f"{path} record {i}") for i, obj in enumerate(data, start=1)]
+
+
+def _load_hub(source: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split="train")
+    except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError are OSErrors
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"data.source = {source!r}: could not load it as a Hugging Face data set with a "
+            f"'train' split ({reason}). This machine may be offline (HF_DATASETS_OFFLINE / "
+            f"HF_HUB_OFFLINE), or the id is wrong. Valid sources: {SOURCE_KINDS}.") from None
+    missing = [k for k in ("instruction", "output") if k not in ds.column_names]
+    if missing:
+        raise UserError(f"data.source = {source!r}: the data set has no column "
+                        f"{', '.join(missing)} (columns: {', '.join(ds.column_names)}); an "
+                        f"Alpaca-format data set has {ALPACA_KEYS}")
+    # A hub data set cannot be edited by the user, so records with an empty answer are skipped
+    # rather than failing the run; n_available in the stats counts only the usable records.
+    return [_check_record(row, f"{source} row {i}") for i, row in enumerate(ds, start=1)
+            if isinstance(row.get("output"), str) and row["output"].strip()]
+
+
+def _check_record(obj: object, where: str) -> dict:
+    """One Alpaca record, checked; ``where`` names it in errors ("file line 3")."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: is a {type(obj).__name__}, not a JSON object; each record "
+                        f"needs keys {ALPACA_KEYS}")
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise UserError(f"{where}: missing key {key!r}; each record needs {ALPACA_KEYS}")
+    for key in ("instruction", "output", "input", "task"):
+        if key in obj and not isinstance(obj[key], str):
+            raise UserError(f"{where}: key {key!r} is a {type(obj[key]).__name__} "
+                            f"({json.dumps(obj[key])[:60]}), not a string; each record needs "
+                            f"{ALPACA_KEYS}")
+    if not obj["instruction"].strip():
+        raise UserError(f"{where}: key 'instruction' is empty; every record needs an instruction")
+    if not obj["output"].strip():
+        raise UserError(f"{where}: key 'output' is empty; every record needs the answer the "
+                        "model should learn (remove the record or fill in its output)")
+    task = obj.get("task", DEFAULT_TASK)
+    if not task.strip():
+        raise UserError(f"{where}: key 'task' is empty; leave it out (defaults to "
+                        f"{DEFAULT_TASK!r}) or give a label")
+    return {"instruction": obj["instruction"], "input": obj.get("input", ""),
+            "output": obj["output"], "task": task}
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and tokenization
+# ---------------------------------------------------------------------------------------------
+
+def split_examples(examples: list[dict], n_train: int, n_eval: int,
+                   seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded shuffle, eval = first ``n_eval``, train = next ``n_train``.
+
+    Each example gets ``id`` = its 0-based position in the source (zero-padded), stable as
+    long as the source is; the input list is not modified.
+    """
+    if n_train + n_eval > len(examples):
+        raise UserError(f"data.n_train + data.n_eval = {n_train} + {n_eval} = "
+                        f"{n_train + n_eval} examples are needed, but data.source provides only "
+                        f"{len(examples)}: lower data.n_train or data.n_eval, or use a larger "
+                        "data set")
+    width = max(6, len(str(len(examples))))
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    chosen = [{"id": f"{i:0{width}d}", **examples[i]} for i in order[:n_eval + n_train]]
+    return chosen[n_eval:], chosen[:n_eval]
+
+
+def tokenize_example(example: dict, tokenizer, max_length: int) -> dict | None:
+    """``{input_ids, n_prompt, truncated}`` for one example, or None if the prompt alone fills
+    ``max_length`` (no response token would remain to learn from).
+
+    Prompt and response are tokenized separately, so the mask boundary ``n_prompt`` is exact
+    (no merge across it), with ``add_special_tokens=False``. The SmolLM2 tokenizer adds no BOS
+    by itself (``add_bos_token`` is False, checked: ``tok("Hi")`` == ``tok("Hi",
+    add_special_tokens=False)``), and the model was trained without one, so none is added here
+    either. ``eos_token_id`` (``<|im_end|>``) follows the response so the model learns to stop;
+    a truncated response loses it, because it did not end there.
+    """
+    prompt_ids = tokenizer(format_prompt(example["instruction"], example["input"]),
+                           add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    truncated = len(response_ids) > room
+    return {"input_ids": prompt_ids + response_ids[:room], "n_prompt": len(prompt_ids),
+            "truncated": truncated}
+
+
+def _length_stats(values: list[int]) -> dict:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
+    arr = np.asarray(values)
+    return {"mean": round(float(arr.mean()), 2), "p50": float(np.percentile(arr, 50)),
+            "p95": round(float(np.percentile(arr, 95)), 2), "max": int(arr.max())}
+
+
+def prepare_dataset(source: str, n_train: int, n_eval: int, max_length: int, seed: int,
+                    tokenizer, out_dir: str | Path) -> dict:
+    """Load, split, tokenize; write ``out_dir/{train,eval}.jsonl`` atomically; return stats.
+
+    Examples whose prompt alone exceeds ``max_length`` are dropped (counted per split);
+    responses that do not fit are cut from the right (counted as truncated). Token lengths in
+    the stats are after truncation; the response length includes the eos token.
+    """
+    examples = load_examples(source, n_train + n_eval, seed)
+    train, evaluation = split_examples(examples, n_train, n_eval, seed)
+    stats: dict = {"source": source, "n_available": len(examples), "max_length": max_length,
+                   "splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        for name, split in zip(SPLITS, (train, evaluation)):
+            rows = []
+            for ex in split:
+                tok = tokenize_example(ex, tokenizer, max_length)
+                if tok is not None:
+                    rows.append({**ex, "prompt": format_prompt(ex["instruction"], ex["input"]),
+                                 **tok})
+            if not rows:
+                shortest = min(len(tokenizer(format_prompt(ex["instruction"], ex["input"]),
+                                             add_special_tokens=False)["input_ids"])
+                               for ex in split)
+                raise UserError(f"data.max_length = {max_length}: every prompt of the {name} "
+                                f"split is at least that long (the shortest has {shortest} "
+                                f"tokens), so no response token fits and all {len(split)} "
+                                f"examples were dropped; raise data.max_length above {shortest}")
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            stats["splits"][name] = _split_stats(rows, n_dropped=len(split) - len(rows))
+    return stats
+
+
+def _split_stats(rows: list[dict], n_dropped: int) -> dict:
+    prompt = [r["n_prompt"] for r in rows]
+    total = [len(r["input_ids"]) for r in rows]
+    return {
+        "n": len(rows),
+        "n_dropped": n_dropped,
+        "n_truncated": sum(r["truncated"] for r in rows),
+        "tasks": dict(sorted(Counter(r["task"] for r in rows).items())),
+        "tokens": {"prompt": _length_stats(prompt),
+                   "response": _length_stats([t - p for t, p in zip(total, prompt)]),
+                   "total": _length_stats(total)},
+    }
+
+
+def load_split(path: str | Path) -> list[dict]:
+    """Read a prepared split (``data/prepared/train.jsonl`` or ``eval.jsonl``)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: prepared split not found; run `dvc repro prepare` "
+                        "first") from None
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {lineno}: corrupt prepared split ({exc.msg}); "
+                            "re-create it with `dvc repro -f prepare`") from None
+    return rows

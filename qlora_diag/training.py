@@ -1,0 +1,342 @@
+"""One training function for any (method, rank, targets, seed): LoRA or QLoRA, same code path.
+
+The only difference between the methods is the base: the 16-bit model of the ``base`` stage for
+LoRA, the bitsandbytes 4-bit model of the ``quantize`` stage for QLoRA. For one seed both see the
+same batches in the same order and start from identical adapter weights.
+
+Training runs on transformers' ``Trainer`` with PEFT; the loss is response-only and runs the LM
+head only on response positions (:mod:`qlora_diag.losses`). Checkpoints live in
+``models/checkpoints/<run>`` (outside DVC's outs, which DVC deletes before a stage runs), so an
+interrupted ``dvc repro`` resumes from the newest *complete* checkpoint; they are removed when
+the run completes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.integrations import DVCLiveCallback
+
+from qlora_diag.atomic import atomic_dir, write_json
+from qlora_diag.batching import FixedOrderSampler, RecordDataset, collate, training_order
+from qlora_diag.config import LoraCfg, TrainCfg, run_name
+from qlora_diag.data import load_split
+from qlora_diag.errors import UserError
+from qlora_diag.generation import exact_match_summary, generate_greedy, generation_records
+from qlora_diag.losses import evaluate_loss, response_loss_sum
+from qlora_diag.memory import PeakMemory
+from qlora_diag.models import load_base, load_quantized, load_tokenizer
+from qlora_diag.targets import min_adapted_dim, resolve_targets
+
+METHODS = ("lora", "qlora")
+# The first steps pay for allocator growth and lazy initialization; timing starts after them.
+TIMING_WARMUP_STEPS = 2
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Identity of one training run."""
+
+    method: str
+    rank: int
+    targets: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return run_name(self.method, self.rank, self.targets, self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationCfg:
+    """Greedy evaluation by generation on the first ``n_generate`` eval examples."""
+
+    n_generate: int
+    max_new_tokens: int
+    batch_size: int
+
+
+def configure_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 = one per core) and return the number used."""
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def choose_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_optimizer(setting: str, method: str, device_type: str) -> str:
+    """``auto``: the QLoRA paper's paged AdamW for QLoRA on CUDA (it pages optimizer state to
+    CPU memory under pressure); plain AdamW otherwise (paged optimizers need CUDA)."""
+    if setting == "auto":
+        return "paged_adamw_32bit" if method == "qlora" and device_type == "cuda" else "adamw_torch"
+    if setting.startswith("paged") and device_type != "cuda":
+        raise UserError(f"train.optimizer = {setting!r}: paged optimizers need a CUDA device and "
+                        f"this run is on {device_type}; use auto or adamw_torch")
+    return setting
+
+
+def load_method_base(method: str, *, base_dir: Path, quant_dir: Path, base_dtype: str,
+                     compute_dtype: str, device: torch.device):
+    """LoRA trains on the 16-bit base, QLoRA on the 4-bit one; nothing else differs."""
+    if method == "lora":
+        return load_base(base_dir, base_dtype).to(device)
+    if method == "qlora":
+        return load_quantized(quant_dir, compute_dtype)
+    raise UserError(f"method {method!r}: must be one of {', '.join(METHODS)}")
+
+
+def attach_lora(model, *, rank: int, alpha: float, dropout: float, targets: str, seed: int):
+    """Wrap ``model`` in a PEFT LoRA adapter whose initial A and B depend only on ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    names = resolve_targets(model, targets)
+    limit = min_adapted_dim(model, names)
+    if rank > limit:
+        raise UserError(f"rank {rank} (lora.r / sweep.ranks) is larger than the smallest adapted "
+                        f"dimension ({limit}) of {targets!r}; a LoRA rank above it adds nothing")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        bias="none", task_type="CAUSAL_LM")
+    set_seed(seed)  # adapter init (kaiming A, zero B) draws from this seed only
+    return get_peft_model(model, config)
+
+
+def latest_complete_checkpoint(folder: Path) -> Path | None:
+    """Newest ``checkpoint-N`` holding every file and a parseable trainer state; partial ones
+    (a kill during saving) are deleted so they are never resumed from."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            ok = all((ckpt / f).is_file() for f in CHECKPOINT_FILES)
+            ok = ok and json.loads((ckpt / "trainer_state.json").read_text())["global_step"] > 0
+        except (json.JSONDecodeError, KeyError, OSError):
+            ok = False
+        if ok:
+            return ckpt
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def fingerprint(*parts) -> str:
+    """Hash of everything a run's result depends on, to never resume a stale checkpoint."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ResponseOnlyTrainer(Trainer):
+    """Trainer with the response-only loss and a fixed, seed-determined batch order."""
+
+    def __init__(self, *args, order: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.order = order
+        self.tokens_per_step: dict[int, int] = {}
+
+    def _get_train_sampler(self, train_dataset=None):
+        return FixedOrderSampler(self.order)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, n = response_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        self.tokens_per_step[self.state.global_step + 1] = int(inputs["attention_mask"].sum())
+        return loss / max(n, 1)
+
+
+class StepAlignedDVCLive(DVCLiveCallback):
+    """transformers' DVCLive callback, logging at the optimizer step (``x: step`` in plots) so
+    that train and eval curves share an axis and a resumed run continues the same axis."""
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        from dvclive.utils import standardize_metric_name
+
+        self.live.step = state.global_step
+        for key, value in (logs or {}).items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        self.live.make_summary()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.live.make_summary()
+
+
+class EvalAndTimingCallback(TrainerCallback):
+    """Eval loss every ``eval_every`` steps on the whole eval split (logged and printed), and the
+    wall time of every optimizer step."""
+
+    def __init__(self, live, model_ref, eval_records, batch_size, pad_id, eval_every, max_steps):
+        self.live, self.model_ref, self.eval_records = live, model_ref, eval_records
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self.eval_every, self.max_steps = eval_every, max_steps
+        self.step_times: dict[int, float] = {}
+        self.last_eval: float | None = None
+        self._t0 = 0.0
+        self._t_start = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times[state.global_step] = time.perf_counter() - self._t0
+        if state.global_step % self.eval_every == 0 or state.global_step == self.max_steps:
+            loss, _ = evaluate_loss(self.model_ref, self.eval_records, self.batch_size, self.pad_id)
+            self.last_eval = loss
+            self.live.step = state.global_step
+            self.live.log_metric("eval/loss", loss)
+            self.live.make_summary()
+            train_loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
+            print(f"step {state.global_step}/{self.max_steps}  train_loss {train_loss:.4f}  "
+                  f"eval_loss {loss:.4f}  ({time.perf_counter() - self._t_start:.0f} s)", flush=True)
+
+
+def _trim_live_history(live_dir: Path, step: int) -> None:
+    """Drop curve rows logged after ``step`` (between the last checkpoint and the kill), so a
+    resumed run's curves hold each step once."""
+    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        head, rows = lines[0], lines[1:]
+        col = head.split("\t").index("step")
+        rows = [r for r in rows if int(r.split("\t")[col]) <= step]
+        tsv.write_text("\n".join([head, *rows]) + "\n")
+
+
+def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: Path,
+                  base_dtype: str, compute_dtype: str, lora: LoraCfg, train: TrainCfg,
+                  gen: GenerationCfg, adapter_out: Path, report_dir: Path,
+                  checkpoint_root: Path) -> dict:
+    """Train one adapter, evaluate it, and write the adapter and its report directory.
+
+    Returns the run's metrics (also written to ``report_dir/run.json``).
+    """
+    from dvclive import Live
+
+    t_start = time.perf_counter()
+    device = choose_device()
+    optim = choose_optimizer(train.optimizer, spec.method, device.type)
+    tokenizer = load_tokenizer(base_dir)
+    train_records = load_split(data_dir / "train.jsonl")
+    eval_records = load_split(data_dir / "eval.jsonl")
+    if gen.n_generate > len(eval_records):
+        raise UserError(f"compare.n_generate = {gen.n_generate} is larger than the eval split "
+                        f"({len(eval_records)} examples in {data_dir / 'eval.jsonl'})")
+    model = load_method_base(spec.method, base_dir=base_dir, quant_dir=quant_dir,
+                             base_dtype=base_dtype, compute_dtype=compute_dtype, device=device)
+    model = attach_lora(model, rank=spec.rank, alpha=lora.alpha, dropout=lora.dropout,
+                        targets=spec.targets, seed=spec.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    order = training_order([len(r["input_ids"]) for r in train_records], train.batch_size,
+                           train.max_steps, spec.seed, train.group_by_length)
+
+    ckpt_dir = checkpoint_root / spec.name
+    fp = fingerprint(dataclasses.asdict(spec), dataclasses.asdict(lora), dataclasses.asdict(train),
+                     _file_digest(data_dir / "train.jsonl"), _dir_digest(quant_dir if spec.method == "qlora" else base_dir))
+    fp_file = ckpt_dir / "fingerprint.txt"
+    if ckpt_dir.exists() and (not fp_file.is_file() or fp_file.read_text() != fp):
+        shutil.rmtree(ckpt_dir)  # checkpoints of other params or data: never resume them
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp)
+    resume = latest_complete_checkpoint(ckpt_dir)
+    live_dir = ckpt_dir / "live"
+    if resume is not None:
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+        _trim_live_history(live_dir, step)
+        print(f"{spec.name}: resuming from {resume.name} (step {step}/{train.max_steps})", flush=True)
+    live = Live(str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False)
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=train.batch_size,
+        max_steps=train.max_steps, learning_rate=train.lr, lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm, optim=optim, logging_steps=1,
+        save_strategy="steps", save_steps=train.save_every, save_total_limit=2,
+        report_to="none", seed=spec.seed, data_seed=spec.seed, remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        # dtypes are explicit: the base is base.dtype / quant.compute_dtype and PEFT keeps the
+        # adapter in fp32; autocast would add casts on CPU without changing what is learned.
+        bf16=False, fp16=False, disable_tqdm=not os.isatty(2))
+    evals = EvalAndTimingCallback(live, model, eval_records, train.batch_size * 2,
+                                  tokenizer.pad_token_id, train.eval_every, train.max_steps)
+    trainer = ResponseOnlyTrainer(
+        model=model, args=args, train_dataset=RecordDataset(train_records),
+        data_collator=lambda rs: collate(rs, tokenizer.pad_token_id), order=order,
+        callbacks=[StepAlignedDVCLive(live=live), evals])
+    trainer.remove_callback(PrinterCallback)  # one line per eval instead of a dict per step
+    live.log_params({"run": spec.name, **dataclasses.asdict(spec), "optimizer": optim,
+                     "device": device.type, "trainable_params": trainable,
+                     "memory_measure": PeakMemory(device).description})
+
+    with PeakMemory(device) as mem:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    model.eval()
+
+    eval_loss, eval_tokens = evaluate_loss(model, eval_records, train.batch_size * 2, tokenizer.pad_token_id)
+    gen_records = eval_records[: gen.n_generate]
+    t_gen = time.perf_counter()
+    outputs = generate_greedy(model, [r["input_ids"][: r["n_prompt"]] for r in gen_records],
+                              max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                              pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    gen_s = time.perf_counter() - t_gen
+    rows = generation_records(gen_records, outputs, tokenizer)
+
+    timed = [s for s in sorted(evals.step_times) if s > TIMING_WARMUP_STEPS]
+    step_s = [evals.step_times[s] for s in timed]
+    tokens = [trainer.tokens_per_step.get(s, 0) for s in timed]
+    metrics = {
+        "run": spec.name, **dataclasses.asdict(spec), "optimizer": optim, "device": device.type,
+        "trainable_params": trainable,
+        "eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(eval_loss))),
+        "eval_tokens": eval_tokens,
+        "train_loss_final": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        **exact_match_summary(rows),
+        "weights_mb": model.get_memory_footprint() / 2**20,
+        "peak_mem_mb": mem.peak_mb, "peak_mem_growth_mb": mem.growth_mb,
+        "memory_measure": mem.description,
+        "step_time_median_s": statistics.median(step_s) if step_s else None,
+        "tokens_per_s": sum(tokens) / sum(step_s) if step_s else None,
+        "timed_steps": len(step_s), "resumed_from_step": _step_of(resume),
+        "generation_s": gen_s, "wall_s": time.perf_counter() - t_start,
+    }
+    for key in ("eval_loss", "eval_perplexity", "exact_match", "weights_mb", "peak_mem_mb",
+                "step_time_median_s", "tokens_per_s"):
+        live.summary[f"final/{key}"] = metrics[key]
+    live.make_summary()
+
+    with atomic_dir(adapter_out) as tmp:
+        model.save_pretrained(tmp)
+    with atomic_dir(report_dir) as tmp:
+        shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+        write_json(tmp / "run.json", metrics)
+        with open(tmp / "generations.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _step_of(ckpt: Path | None) -> int:
+    return int(ckpt.name.split("-")[-1]) if ckpt else 0
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _dir_digest(folder: Path) -> str:
+    """Cheap identity of a model directory: names, sizes and mtimes of its files."""
+    items = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
+    return fingerprint(items)

@@ -1,0 +1,40 @@
+"""Stage `train_*`: train one LoRA or QLoRA adapter (dvc.yaml passes the run's identity)."""
+import argparse
+from pathlib import Path
+
+from qlora_diag.cli import run_stage
+from qlora_diag.config import load_params
+from qlora_diag.training import GenerationCfg, RunSpec, configure_threads, train_adapter
+
+
+def parse_run() -> RunSpec:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", choices=["lora", "qlora"], required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--targets", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    a = parser.parse_args()
+    return RunSpec(method=a.method, rank=a.rank, targets=a.targets, seed=a.seed)
+
+
+def main() -> None:
+    params = load_params("params.yaml")
+    spec = parse_run()
+    threads = configure_threads(params.train.threads)
+    print(f"{spec.name}: training on {threads} thread(s)", flush=True)
+    m = train_adapter(
+        spec, base_dir=Path("models/base"), quant_dir=Path("models/quantized"),
+        data_dir=Path("data/prepared"), base_dtype=params.base.dtype,
+        compute_dtype=params.quant.compute_dtype, lora=params.lora, train=params.train,
+        gen=GenerationCfg(n_generate=params.compare.n_generate,
+                          max_new_tokens=params.compare.max_new_tokens,
+                          batch_size=params.compare.gen_batch_size),
+        adapter_out=Path("models/adapters") / spec.name,
+        report_dir=Path("reports/train") / spec.name,
+        checkpoint_root=Path("models/checkpoints"))
+    print(f"{spec.name}: eval_loss {m['eval_loss']:.4f}  exact_match {m['exact_match']:.3f}  "
+          f"{m['tokens_per_s']:.0f} tok/s  peak {m['peak_mem_mb']:.0f} MB  {m['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
