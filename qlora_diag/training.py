@@ -160,13 +160,13 @@ class StepAlignedDVCLive(DVCLiveCallback):
     """transformers' DVCLive callback, logging at the optimizer step (``x: step`` in plots) so
     that train and eval curves share an axis and a resumed run continues the same axis."""
 
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        from dvclive.utils import standardize_metric_name
+    CURVES = ("loss", "grad_norm", "learning_rate")  # per-step logs; the end-of-run summary is not a curve
 
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         self.live.step = state.global_step
-        for key, value in (logs or {}).items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        for key in self.CURVES:
+            if isinstance((logs or {}).get(key), (int, float)):
+                self.live.log_metric(f"train/{key}", logs[key])
         self.live.make_summary()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -182,7 +182,7 @@ class EvalAndTimingCallback(TrainerCallback):
         self.batch_size, self.pad_id = batch_size, pad_id
         self.eval_every, self.max_steps = eval_every, max_steps
         self.step_times: dict[int, float] = {}
-        self.last_eval: float | None = None
+        self.last_eval: tuple[float, int] | None = None  # (loss, tokens) after the final step
         self._t0 = 0.0
         self._t_start = time.perf_counter()
 
@@ -192,8 +192,8 @@ class EvalAndTimingCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times[state.global_step] = time.perf_counter() - self._t0
         if state.global_step % self.eval_every == 0 or state.global_step == self.max_steps:
-            loss, _ = evaluate_loss(self.model_ref, self.eval_records, self.batch_size, self.pad_id)
-            self.last_eval = loss
+            loss, n_tokens = evaluate_loss(self.model_ref, self.eval_records, self.batch_size, self.pad_id)
+            self.last_eval = (loss, n_tokens) if state.global_step == self.max_steps else None
             self.live.step = state.global_step
             self.live.log_metric("eval/loss", loss)
             self.live.make_summary()
@@ -284,7 +284,10 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     model.eval()
 
-    eval_loss, eval_tokens = evaluate_loss(model, eval_records, train.batch_size * 2, tokenizer.pad_token_id)
+    # The curve's last point was evaluated after the final step; an interrupted-and-resumed run
+    # whose last step completed before the kill has none, so it is computed then.
+    eval_loss, eval_tokens = evals.last_eval if evals.last_eval else evaluate_loss(
+        model, eval_records, train.batch_size * 2, tokenizer.pad_token_id)
     gen_records = eval_records[: gen.n_generate]
     t_gen = time.perf_counter()
     outputs = generate_greedy(model, [r["input_ids"][: r["n_prompt"]] for r in gen_records],

@@ -153,7 +153,7 @@ def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_b
     report = tmp_path / "a/report"
     assert json.loads((report / "run.json").read_text())["eval_loss"] == m1["eval_loss"]
     assert len((report / "generations.jsonl").read_text().splitlines()) == GEN.n_generate
-    assert (report / "plots/metrics/train/loss.tsv").is_file()
+    assert (report / "plots/metrics/train/loss.tsv").is_file() and not (report / "plots/metrics/loss.tsv").exists()
     assert (report / "plots/metrics/eval/loss.tsv").is_file()
     assert not (tmp_path / "a/ckpt" / spec.name).exists(), "checkpoints are removed when done"
     # The saved adapter reproduces the logged eval loss on a fresh base.
