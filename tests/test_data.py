@@ -294,3 +294,16 @@ def test_load_split_errors(tmp_path):
     (tmp_path / "eval.jsonl").write_text('{"id": "1"}\n{broken\n')
     with pytest.raises(UserError, match=r"eval\.jsonl line 2: corrupt prepared split"):
         load_split(tmp_path / "eval.jsonl")
+
+
+def test_eval_split_is_stratified_by_task():
+    from collections import Counter
+
+    from qlora_diag.data import split_examples
+    from qlora_diag.probe import TASKS, generate_probe
+
+    train, evals = split_examples(generate_probe(400, seed=3), n_train=300, n_eval=64, seed=3)
+    counts = Counter(e["task"] for e in evals)
+    assert set(counts) == set(TASKS)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert not {e["id"] for e in evals} & {e["id"] for e in train}
