@@ -109,6 +109,7 @@ class TrainCfg:
     max_grad_norm: float
     optimizer: str
     group_by_length: bool
+    kbit_prep: bool
     eval_every: int
     save_every: int
     threads: int

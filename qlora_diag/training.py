@@ -34,7 +34,7 @@ from qlora_diag.errors import UserError
 from qlora_diag.generation import exact_match_summary, generate_greedy, generation_records
 from qlora_diag.losses import evaluate_loss, response_loss_sum
 from qlora_diag.memory import PeakMemory
-from qlora_diag.models import load_base, load_quantized, load_tokenizer
+from qlora_diag.models import load_base, load_quantized, load_tokenizer, resolve_dtype
 from qlora_diag.targets import min_adapted_dim, resolve_targets
 
 METHODS = ("lora", "qlora")
@@ -236,6 +236,10 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                         f"({len(eval_records)} examples in {data_dir / 'eval.jsonl'})")
     model = load_method_base(spec.method, base_dir=base_dir, quant_dir=quant_dir,
                              base_dtype=base_dtype, compute_dtype=compute_dtype, device=device)
+    if spec.method == "qlora" and train.kbit_prep:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = attach_lora(model, rank=spec.rank, alpha=lora.alpha, dropout=lora.dropout,
                         targets=spec.targets, seed=spec.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -277,7 +281,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         callbacks=[StepAlignedDVCLive(live=live), evals])
     trainer.remove_callback(PrinterCallback)  # one line per eval instead of a dict per step
     live.log_params({"run": spec.name, **dataclasses.asdict(spec), "optimizer": optim,
-                     "device": device.type, "trainable_params": trainable,
+                     "device": device.type, "base_dtype": resolve_dtype(base_dtype),
+                     "compute_dtype": resolve_dtype(compute_dtype), "kbit_prep": train.kbit_prep, "trainable_params": trainable,
                      "memory_measure": PeakMemory(device).description})
 
     with PeakMemory(device) as mem:
@@ -301,6 +306,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     tokens = [trainer.tokens_per_step.get(s, 0) for s in timed]
     metrics = {
         "run": spec.name, **dataclasses.asdict(spec), "optimizer": optim, "device": device.type,
+        "dtype": resolve_dtype(base_dtype if spec.method == "lora" else compute_dtype),
+        "kbit_prep": spec.method == "qlora" and train.kbit_prep,
         "trainable_params": trainable,
         "eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(eval_loss))),
         "eval_tokens": eval_tokens,

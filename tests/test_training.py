@@ -25,7 +25,7 @@ LORA = LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv")
 
 def train_cfg(**over) -> TrainCfg:
     base = dict(max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="constant", warmup_steps=0,
-                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
+                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True, kbit_prep=False,
                 eval_every=3, save_every=2, threads=1)
     base.update(over)
     return TrainCfg(**base)
