@@ -45,6 +45,30 @@ NO_STOP_RATE = 0.10
 # least two examples' worth (one example flipping is the smallest possible change and happens
 # by chance near a greedy decision boundary) and by more than that task's seed spread.
 MIN_TASK_DROP_EXAMPLES = 2
+# "The QLoRA update leans towards undoing the quantization error" when its alignment with
+# W - deq(Q(W)) reaches at least half of the best cosine any matrix of its rank could reach
+# (the Eckart-Young ceiling); below that most of the update points elsewhere.
+ALIGNED_FRACTION = 0.5
+
+# The rule of each failure mode, in words (the report lists them all, fired or not).
+FM_RULES = {
+    "quality_gap": "eval_loss_gap (QLoRA − LoRA, means over seeds) > eval_loss_seed_spread",
+    "memory_not_saved": "peak_mem_mb_qlora ≥ peak_mem_mb_lora (the same memory measure for both)",
+    "slower": f"step_time_ratio (QLoRA / LoRA median seconds per step) > {SLOWDOWN_RATIO}",
+    "transfer_gap": ("the QLoRA adapter's eval loss on the unquantized base, unmerged or merged, "
+                     "exceeds its eval loss on the quantized base by more than "
+                     "eval_loss_seed_spread"),
+    "quantized_lora": ("the LoRA adapter's eval loss on the quantized base exceeds its eval loss "
+                       "on the unquantized base by more than eval_loss_seed_spread"),
+    "threshold_unreachable": ("max(noise_floor_cos_sim_lora, noise_floor_cos_sim_qlora) ≤ "
+                              "compare.cos_threshold"),
+    "task_drops": (f"for a task family, LoRA − QLoRA exact match (means over seeds) is at least "
+                   f"{MIN_TASK_DROP_EXAMPLES} examples' worth and larger than the task's "
+                   "larger same-method seed spread"),
+    "no_stop": (f"more than {NO_STOP_RATE:.0%} of a method's greedy outputs hit "
+                "compare.max_new_tokens, while the eval references' 95th-percentile response "
+                "length (with eos) fits within it"),
+}
 
 SUPPORTED = "supported"
 PARTIAL = "partially supported"
@@ -132,6 +156,21 @@ def _json_safe(obj: Any) -> Any:
 
 def _num(x: Any) -> float:
     return float(x) if x is not None else math.nan
+
+
+def undoes_quantization_error(alignment_mean: float, alignment_ceiling_mean: float) -> bool:
+    """Whether the QLoRA update leans towards W - deq(Q(W)): alignment at least
+    :data:`ALIGNED_FRACTION` of the rank-r ceiling (False when either is undefined)."""
+    return (alignment_mean > 0 and alignment_ceiling_mean > 0
+            and alignment_mean >= ALIGNED_FRACTION * alignment_ceiling_mean)
+
+
+def _alignment_text(alignment_mean: float, alignment_ceiling_mean: float) -> str:
+    numbers = (f"cos(ΔW_QLoRA − ΔW_LoRA, W − deq(Q(W))) = {alignment_mean:.3f}, best possible "
+               f"at this rank {alignment_ceiling_mean:.3f}")
+    if undoes_quantization_error(alignment_mean, alignment_ceiling_mean):
+        return f"the QLoRA update leans towards undoing the quantization error ({numbers})"
+    return f"the QLoRA update does not undo the quantization error ({numbers})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +335,9 @@ def verdict_h1(*, cos_sim: float, cos_threshold: float, noise_floor_lora: float,
 # ---------------------------------------------------------------------------------------------
 
 H2_RULE = (
-    "Presets are ranked by eval-loss gap (QLoRA − LoRA, largest = most sensitive), with the "
-    "quality drop % and the KL divergence next to it. Supported when the gaps of the presets "
+    "Presets are ranked by eval-loss gap (QLoRA − LoRA of the main-seed pair, modules.csv; "
+    "largest = most sensitive), with the quality drop % and the KL divergence next to it. "
+    "Supported when the gaps of the presets "
     "differ by more than the seed spread (max − min gap > spread; the spread is measured at "
     "lora.r on lora.targets and applied to every preset). Partially supported when they do "
     "not, but per-layer quantization error (relative Frobenius error of W, layers.csv) and "
@@ -319,7 +359,8 @@ def verdict_h2(*, modules: pd.DataFrame, layers: pd.DataFrame, seed_spread: floa
 
     most, least = ranked.iloc[0], ranked.iloc[-1]
     by_kl = modules.sort_values("kl_mean", ascending=False, kind="stable").iloc[0]["targets"]
-    order = " > ".join(f"{t} ({g:+.4f})" for t, g in zip(ranked["targets"], ranked["eval_loss_gap"]))
+    order = " > ".join(f"{t} ({g:+.4f})"
+                       for t, g in zip(ranked["targets"], ranked["eval_loss_gap"]))
     parts = [f"gap order {order}",
              f"the presets differ by {gap_range:.4f} in gap, "
              f"{'more' if differ else 'no more'} than the seed spread {seed_spread:.4f}",
@@ -355,7 +396,8 @@ def verdict_h2(*, modules: pd.DataFrame, layers: pd.DataFrame, seed_spread: floa
 
 H3_RULE = (
     "r* is the smallest tested rank from which on every tested rank has |eval-loss gap| ≤ the "
-    "seed spread. The seed spread is measured at rank lora.r and applied to all ranks. "
+    "seed spread, the gap being QLoRA − LoRA of the main-seed pair at that rank (ranks.csv; one "
+    "seed per rank). The seed spread is measured at rank lora.r and applied to all ranks. "
     "Supported when r* exists, is above the smallest tested rank, and every rank below r* is "
     "beyond the spread; partially supported when r* exists but some rank below it is also "
     "within the spread (no clean threshold); rejected when every tested rank is within the "
@@ -420,17 +462,18 @@ def fm_quality_gap(*, eval_loss_lora: float, eval_loss_qlora: float, eval_loss_g
     base_hit = base_eval_loss_quantized - base_eval_loss
     return FailureMode(
         "quality_gap", "QLoRA quality below LoRA beyond seed noise",
-        symptom=(f"QLoRA eval loss {eval_loss_qlora:.4f} vs LoRA {eval_loss_lora:.4f} (gap "
+        symptom=(f"QLoRA eval loss {eval_loss_qlora:.4f} vs LoRA {eval_loss_lora:.4f} (means "
+                 f"over seeds; gap "
                  f"{eval_loss_gap:+.4f} > seed spread {seed_spread:.4f})."),
         cause=(f"The adapter trains against deq(Q(W)), not W: quantization alone raised the base "
                f"model's eval loss by {base_hit:+.4f} ({base_eval_loss:.4f} → "
-               f"{base_eval_loss_quantized:.4f}), and the QLoRA update does not undo the "
-               f"quantization error (cos(ΔW_QLoRA − ΔW_LoRA, W − deq(Q(W))) = "
-               f"{alignment_mean:.3f}, best possible at this rank {alignment_ceiling_mean:.3f})."),
+               f"{base_eval_loss_quantized:.4f}), and "
+               f"{_alignment_text(alignment_mean, alignment_ceiling_mean)}; a rank-r update "
+               "cannot cancel an error that is close to full rank."),
         mitigation=("Use a higher rank (see the rank threshold) or adapt more modules; keep the "
                     "most error-prone layers in 16 bits; train longer; or use 16-bit LoRA when "
                     "memory allows."),
-        rule="fires when eval_loss_gap (QLoRA − LoRA, mean over seeds) > eval_loss_seed_spread",
+        rule=FM_RULES["quality_gap"],
         evidence={"eval_loss_lora": eval_loss_lora, "eval_loss_qlora": eval_loss_qlora,
                   "eval_loss_gap": eval_loss_gap, "eval_loss_seed_spread": seed_spread,
                   "base_eval_loss": base_eval_loss,
@@ -468,15 +511,15 @@ def fm_memory_not_saved(*, peak_mem_mb_lora: float, peak_mem_mb_qlora: float,
         mitigation=("QLoRA pays off when the frozen weights dominate memory: larger models and "
                     "CUDA. On a small model or on the CPU, use 16-bit LoRA, or cut activation "
                     "memory (smaller batch or sequence length, gradient checkpointing)."),
-        rule="fires when peak_mem_mb_qlora ≥ peak_mem_mb_lora",
+        rule=FM_RULES["memory_not_saved"],
         evidence={"peak_mem_mb_lora": peak_mem_mb_lora, "peak_mem_mb_qlora": peak_mem_mb_qlora,
                   "weights_mb_lora": weights_mb_lora, "weights_mb_qlora": weights_mb_qlora,
                   "peak_mem_growth_mb_lora": growth_mb_lora,
                   "peak_mem_growth_mb_qlora": growth_mb_qlora, "memory_measure": memory_measure})
 
 
-def fm_slower(*, step_time_ratio: float, tokens_per_s_lora: float,
-              tokens_per_s_qlora: float) -> FailureMode | None:
+def fm_slower(*, step_time_ratio: float, tokens_per_s_lora: float, tokens_per_s_qlora: float,
+              gradient_checkpointing: bool) -> FailureMode | None:
     """QLoRA steps take more than :data:`SLOWDOWN_RATIO` times LoRA's."""
     if not step_time_ratio > SLOWDOWN_RATIO:
         return None
@@ -486,18 +529,22 @@ def fm_slower(*, step_time_ratio: float, tokens_per_s_lora: float,
                  f"({tokens_per_s_qlora:.0f} vs {tokens_per_s_lora:.0f} tokens/s)."),
         cause=("Every 4-bit weight is dequantized to the compute dtype for each matmul, in the "
                "forward pass and again in the backward pass; the matmul itself costs the same as "
-               "LoRA's, so the dequantization is pure overhead."),
+               "LoRA's, so the dequantization is pure overhead."
+               + (" QLoRA also trained with gradient checkpointing (train.kbit_prep), which "
+                  "recomputes the forward pass during the backward pass; part of the slowdown "
+                  "is that, not quantization." if gradient_checkpointing else "")),
         mitigation=("Accept the slowdown as the price of memory, or use 16-bit LoRA when the "
                     "weights fit; on CUDA, bitsandbytes' fused kernels make the overhead smaller."),
-        rule=f"fires when step_time_ratio (QLoRA / LoRA median s/step) > {SLOWDOWN_RATIO}",
+        rule=FM_RULES["slower"],
         evidence={"step_time_ratio": step_time_ratio, "tokens_per_s_lora": tokens_per_s_lora,
-                  "tokens_per_s_qlora": tokens_per_s_qlora, "threshold": SLOWDOWN_RATIO})
+                  "tokens_per_s_qlora": tokens_per_s_qlora, "threshold": SLOWDOWN_RATIO,
+                  "gradient_checkpointing": gradient_checkpointing})
 
 
 def fm_transfer(*, native_eval_loss: float, on_base_eval_loss: float, merged_eval_loss: float,
                 native_exact_match: float, on_base_exact_match: float,
-                merged_exact_match: float, seed_spread: float,
-                alignment_mean: float) -> FailureMode | None:
+                merged_exact_match: float, seed_spread: float, alignment_mean: float,
+                alignment_ceiling_mean: float) -> FailureMode | None:
     """The QLoRA adapter on the unquantized base (unmerged or merged) is worse than on the
     quantized base it was trained on, by more than the seed spread."""
     d_base = on_base_eval_loss - native_eval_loss
@@ -511,20 +558,24 @@ def fm_transfer(*, native_eval_loss: float, on_base_eval_loss: float, merged_eva
                  f"{merged_eval_loss:.4f} ({d_merged:+.4f}); exact match "
                  f"{native_exact_match:.3f} → {on_base_exact_match:.3f} / "
                  f"{merged_exact_match:.3f}."),
-        cause=(f"The adapter was trained against deq(Q(W)): part of it compensates the "
-               f"quantization error (alignment with W − deq(Q(W)) = {alignment_mean:.3f}), and "
-               "on W that compensation is an error of its own."),
+        cause=("The adapter was fitted to the quantized model deq(Q(W)) + ΔW; on W every frozen "
+               "layer differs by the quantization error the adapter was trained alongside. "
+               + ("Here " + _alignment_text(alignment_mean, alignment_ceiling_mean)
+                  + ", so that compensation becomes an error of its own on W."
+                  if undoes_quantization_error(alignment_mean, alignment_ceiling_mean) else
+                  "Here " + _alignment_text(alignment_mean, alignment_ceiling_mean)
+                  + ": the co-adaptation is spread through the network's function, not a "
+                    "low-rank correction that could be subtracted.")),
         mitigation=("Serve the adapter on the same quantized base it was trained on, or merge it "
                     "into deq(Q(W)) instead of W; to deploy on the 16-bit base, fine-tune a "
                     "few steps there."),
-        rule=("fires when the QLoRA adapter's eval loss on the unquantized base, unmerged or "
-              "merged, exceeds its eval loss on the quantized base by more than "
-              "eval_loss_seed_spread"),
+        rule=FM_RULES["transfer_gap"],
         evidence={"native_eval_loss": native_eval_loss, "on_base_eval_loss": on_base_eval_loss,
                   "merged_eval_loss": merged_eval_loss, "native_exact_match": native_exact_match,
                   "on_base_exact_match": on_base_exact_match,
                   "merged_exact_match": merged_exact_match,
-                  "eval_loss_seed_spread": seed_spread, "alignment_mean": alignment_mean})
+                  "eval_loss_seed_spread": seed_spread, "alignment_mean": alignment_mean,
+                  "alignment_ceiling_mean": alignment_ceiling_mean})
 
 
 def fm_quantized_lora(*, native_eval_loss: float, on_quantized_eval_loss: float,
@@ -544,8 +595,7 @@ def fm_quantized_lora(*, native_eval_loss: float, on_quantized_eval_loss: float,
                "quantizing the base after training adds that error unchanged."),
         mitigation=("Train with QLoRA when the model will be served in 4 bits, or serve the "
                     "LoRA adapter on the unquantized base."),
-        rule=("fires when the LoRA adapter's eval loss on the quantized base exceeds its eval "
-              "loss on the unquantized base by more than eval_loss_seed_spread"),
+        rule=FM_RULES["quantized_lora"],
         evidence={"native_eval_loss": native_eval_loss,
                   "on_quantized_eval_loss": on_quantized_eval_loss,
                   "native_exact_match": native_exact_match,
@@ -561,7 +611,7 @@ def fm_threshold_unreachable(*, cos_threshold: float, noise_floor_lora: float,
     if not floors or max(floors) > cos_threshold:
         return None
     return FailureMode(
-        "threshold_unreachable", "The weight-similarity threshold is unreachable",
+        "threshold_unreachable", "Weight-similarity threshold unreachable",
         symptom=(f"cos(ΔW) between two runs of the same method that differ only in seed is "
                  f"{noise_floor_lora:.3f} (LoRA) and {noise_floor_qlora:.3f} (QLoRA), below "
                  f"θ = {cos_threshold:.2f}; LoRA vs QLoRA is {same_seed_cos_sim:.3f} with the "
@@ -573,7 +623,7 @@ def fm_threshold_unreachable(*, cos_threshold: float, noise_floor_lora: float,
         mitigation=("Judge LoRA vs QLoRA on function-level numbers against the seed spread "
                     "(eval loss, KL, token match), or calibrate the weight threshold to the "
                     "measured noise floor; compare same-seed pairs to isolate quantization."),
-        rule="fires when max(noise_floor_cos_sim_lora, noise_floor_cos_sim_qlora) ≤ compare.cos_threshold",
+        rule=FM_RULES["threshold_unreachable"],
         evidence={"cos_threshold": cos_threshold, "noise_floor_cos_sim_lora": noise_floor_lora,
                   "noise_floor_cos_sim_qlora": noise_floor_qlora,
                   "cos_sim_mean": same_seed_cos_sim, "cross_seed_cos_sim": cross_seed_cos_sim})
@@ -593,16 +643,15 @@ def fm_task_drops(per_task: pd.DataFrame) -> FailureMode | None:
         "task_drops", "Exact match drops on some task families",
         symptom=f"QLoRA answers fewer examples exactly on {len(hit)} task famil"
                 f"{'y' if len(hit) == 1 else 'ies'}: {listing}.",
-        cause=("The overall loss averages over tasks; tasks whose answers hinge on precise "
-               "token choices (digits, exact strings) lose first when the base computes with "
-               "deq(Q(W)). With a handful of examples per task, part of it is sampling noise; "
-               "the rule requires the drop to exceed the seed spread."),
+        cause=("The eval loss averages over task families and hides a loss concentrated in a "
+               "few: the quantization error moves every frozen weight, and the task families "
+               "differ in how close their greedy answers sit to a decision boundary. With a "
+               "handful of examples per task part of any drop is sampling noise, which is why "
+               "the rule requires it to exceed the seed spread and two examples."),
         mitigation=("Check the affected tasks with more eval examples (data.n_eval, "
                     "compare.n_generate) and more seeds; if the drop holds, raise the rank or "
                     "adapt more modules, or use 16-bit LoRA for those tasks."),
-        rule=(f"fires for a task when LoRA − QLoRA exact match (means over seeds) ≥ "
-              f"{MIN_TASK_DROP_EXAMPLES} examples' worth and > the larger same-method seed "
-              "spread of that task"),
+        rule=FM_RULES["task_drops"],
         evidence={"tasks": [{"task": r.task, "n": int(r.n),
                              "exact_match_lora": float(r.exact_match_lora),
                              "exact_match_qlora": float(r.exact_match_qlora),
@@ -625,13 +674,12 @@ def fm_no_stop(*, rate_lora: float, rate_qlora: float, max_new_tokens: int,
                  f"into compare.max_new_tokens = {max_new_tokens} without an eos, although 95 % "
                  f"of the reference answers take ≤ {reference_tokens_p95:.0f} tokens with eos."),
         cause=("The eos token is one position per example in the response-only loss; with few "
-               "training steps the adapter learns the answer before it learns to end it, and "
-               "then continues with more text."),
+               "training steps the adapter can learn the answer before it learns to end it, "
+               "and then continues with more text (the outputs are in each run's "
+               "generations.jsonl)."),
         mitigation=("Train longer or on more examples; check that eos is in the labels of "
                     "every untruncated example; at inference, stop on a stop string."),
-        rule=(f"fires when more than {NO_STOP_RATE:.0%} of a method's outputs hit "
-              "compare.max_new_tokens and the eval references' 95th-percentile response "
-              "length (with eos) fits within it"),
+        rule=FM_RULES["no_stop"],
         evidence={"rate_lora": rate_lora, "rate_qlora": rate_qlora,
                   "max_new_tokens": max_new_tokens,
                   "reference_tokens_p95": reference_tokens_p95, "threshold": NO_STOP_RATE})
@@ -643,12 +691,16 @@ def fm_no_stop(*, rate_lora: float, rate_qlora: float, max_new_tokens: int,
 
 def diagnose(*, metrics: dict, ranks: pd.DataFrame, modules: pd.DataFrame, layers: pd.DataFrame,
              per_task: pd.DataFrame, native_lora: dict, native_qlora: dict,
+             eval_loss_lora_mean: float, eval_loss_qlora_mean: float,
+             gradient_checkpointing: bool,
              no_stop_rate_lora: float, no_stop_rate_qlora: float, reference_tokens_p95: float,
              memory_measure: str, cos_threshold: float, lora_r: int, lora_targets: str,
              max_new_tokens: int) -> Diagnosis:
     """H1-H3 and the failure modes whose rules fire. ``metrics`` is ``reports/metrics.json``;
     ``native_lora`` / ``native_qlora`` are the ``run.json`` of the headline-seed runs whose
-    adapters the transfer check used."""
+    adapters the transfer check used; ``eval_loss_*_mean`` the means over the seed runs (the
+    terms of ``eval_loss_gap``); ``gradient_checkpointing``: QLoRA trained with it
+    (train.kbit_prep)."""
     m = {k: _num(v) for k, v in metrics.items()}
     spread = m["eval_loss_seed_spread"]
     h1 = verdict_h1(cos_sim=m["cos_sim_mean"], cos_threshold=cos_threshold,
@@ -663,7 +715,7 @@ def diagnose(*, metrics: dict, ranks: pd.DataFrame, modules: pd.DataFrame, layer
     h2 = verdict_h2(modules=modules, layers=layers, seed_spread=spread)
     h3 = verdict_h3(ranks=ranks, seed_spread=spread, lora_r=lora_r)
     modes = [
-        fm_quality_gap(eval_loss_lora=m["eval_loss_lora"], eval_loss_qlora=m["eval_loss_qlora"],
+        fm_quality_gap(eval_loss_lora=eval_loss_lora_mean, eval_loss_qlora=eval_loss_qlora_mean,
                        eval_loss_gap=m["eval_loss_gap"], seed_spread=spread,
                        base_eval_loss=m["base_eval_loss"],
                        base_eval_loss_quantized=m["base_eval_loss_quantized"],
@@ -677,14 +729,16 @@ def diagnose(*, metrics: dict, ranks: pd.DataFrame, modules: pd.DataFrame, layer
                             growth_mb_qlora=m["peak_mem_growth_mb_qlora"],
                             memory_measure=memory_measure),
         fm_slower(step_time_ratio=m["step_time_ratio"], tokens_per_s_lora=m["tokens_per_s_lora"],
-                  tokens_per_s_qlora=m["tokens_per_s_qlora"]),
+                  tokens_per_s_qlora=m["tokens_per_s_qlora"],
+                  gradient_checkpointing=gradient_checkpointing),
         fm_transfer(native_eval_loss=_num(native_qlora["eval_loss"]),
                     on_base_eval_loss=m["transfer_qlora_on_base_eval_loss"],
                     merged_eval_loss=m["transfer_qlora_merged_eval_loss"],
                     native_exact_match=_num(native_qlora["exact_match"]),
                     on_base_exact_match=m["transfer_qlora_on_base_exact_match"],
                     merged_exact_match=m["transfer_qlora_merged_exact_match"],
-                    seed_spread=spread, alignment_mean=m["alignment_mean"]),
+                    seed_spread=spread, alignment_mean=m["alignment_mean"],
+                    alignment_ceiling_mean=m["alignment_ceiling_mean"]),
         fm_quantized_lora(native_eval_loss=_num(native_lora["eval_loss"]),
                           on_quantized_eval_loss=m["transfer_lora_on_quantized_eval_loss"],
                           native_exact_match=_num(native_lora["exact_match"]),

@@ -1,0 +1,217 @@
+"""The report's figures (seaborn): one function per figure, each taking its tables explicitly
+and returning the path it wrote.
+
+All figures are 8 x 4.5 in at 120 dpi (960 x 540 px), readable at README width; LoRA is always
+blue and QLoRA orange. MB = 2**20 bytes, as in the stages that measured it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI or in `dvc repro`
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+FIGSIZE = (8, 4.5)
+DPI = 120
+PALETTE = {"LoRA": "#1f77b4", "QLoRA": "#ff7f0e"}
+METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA"}
+CONFIG_LABEL = {"nf4": "NF4", "nf4_dq": "NF4 + DQ", "fp4": "FP4", "fp4_dq": "FP4 + DQ"}
+# Value labels inside a heatmap stay legible up to about this many layers at 8 in wide.
+MAX_ANNOTATED_LAYERS = 12
+
+FIGURES = ("memory.png", "rank_threshold.png", "weight_similarity_heatmap.png",
+           "module_sensitivity.png", "quantization_error.png", "loss_curves.png")
+
+
+@contextlib.contextmanager
+def _figure(ncols: int, out: Path, title: str, sharex: bool = False):
+    """A styled figure with ``ncols`` axes, saved to ``out`` and closed on exit."""
+    # No offset notation ("+1.08e1" above the axis): losses close together stay readable.
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8), \
+            plt.rc_context({"axes.formatter.useoffset": False}):
+        fig, axes = plt.subplots(1, ncols, figsize=FIGSIZE, sharex=sharex, squeeze=False)
+        try:
+            yield fig, list(axes[0])
+            fig.suptitle(title, fontsize=11)
+            fig.tight_layout()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=DPI)
+        finally:
+            plt.close(fig)
+
+
+def _by_method(df: pd.DataFrame, id_col: str, columns: dict[str, str], value: str) -> pd.DataFrame:
+    """Long form: ``{column of df: method label}`` -> rows (id_col, method, value)."""
+    long = df[[id_col, *columns]].melt(id_vars=id_col, var_name="method", value_name=value)
+    return long.assign(method=long["method"].map(columns))
+
+
+def _legend_on_top(ax, ncol: int) -> None:
+    """Legend in a band above the tallest bar (the y range grows by a quarter to make room)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 1.25)
+    ax.legend(title=None, loc="upper center", ncol=ncol, fontsize=8, frameon=False)
+
+
+def _bar_labels(ax, fmt: str) -> None:
+    for container in ax.containers:
+        ax.bar_label(container, fmt=fmt, fontsize=7, padding=1)
+
+
+def plot_memory(ranks: pd.DataFrame, memory_measure: str, out: Path) -> Path:
+    """Per rank: weight memory and training peak memory, LoRA vs QLoRA."""
+    with _figure(2, out, "Memory per rank: LoRA vs QLoRA") as (fig, (ax_w, ax_p)):
+        w = _by_method(ranks, "rank", {"weights_mb_lora": "LoRA", "weights_mb_qlora": "QLoRA"},
+                       "mb")
+        sns.barplot(w, x="rank", y="mb", hue="method", palette=PALETTE, ax=ax_w)
+        ax_w.set(xlabel="LoRA rank r", ylabel="MB",
+                 title="Weights of the loaded model\n(parameters + buffers, adapter included)")
+        _bar_labels(ax_w, "%.0f")
+        p = _by_method(ranks, "rank", {"peak_mem_mb_lora": "LoRA", "peak_mem_mb_qlora": "QLoRA"},
+                       "mb")
+        sns.barplot(p, x="rank", y="mb", hue="method", palette=PALETTE, ax=ax_p)
+        ax_p.set(xlabel="LoRA rank r", ylabel="MB",
+                 title=f"Peak during training\n({memory_measure})")
+        ax_p.title.set_fontsize(8)
+        _bar_labels(ax_p, "%.0f")
+        for ax in (ax_w, ax_p):
+            _legend_on_top(ax, ncol=2)
+    return out
+
+
+def plot_rank_threshold(ranks: pd.DataFrame, seed_spread: float, cos_threshold: float,
+                        noise_floor_cos_sim: float, lora_r: int, out: Path) -> Path:
+    """Left: eval-loss gap vs rank inside the ±seed-spread band. Right: cos(ΔW) and greedy
+    token match vs rank, with the H1 threshold and the same-method cosine noise floor."""
+    d = ranks.sort_values("rank")
+    with _figure(2, out, "Rank threshold (H3): QLoRA − LoRA per rank") as (fig, (ax_g, ax_s)):
+        ax_g.axhspan(-seed_spread, seed_spread, color="0.85",
+                     label=f"± seed spread ({seed_spread:.4f}, measured at r={lora_r})")
+        ax_g.axhline(0, color="0.4", lw=0.8)
+        ax_g.plot(d["rank"], d["eval_loss_gap"], "o-", color=PALETTE["QLoRA"],
+                  label="eval-loss gap QLoRA − LoRA")
+        ax_g.set(xscale="log", xlabel="LoRA rank r (log scale)",
+                 ylabel="Δ eval loss (nats/token)", title="Quality gap vs seed noise")
+        ax_s.plot(d["rank"], d["cos_sim_mean"], "o-", color="#2ca02c",
+                  label="cos(ΔW) LoRA vs QLoRA, same seed")
+        ax_s.plot(d["rank"], d["token_match_rate"], "s-", color="#9467bd",
+                  label="greedy token match rate")
+        ax_s.axhline(cos_threshold, color="#d62728", ls="--", lw=1,
+                     label=f"H1 threshold θ = {cos_threshold:.2f}")
+        ax_s.axhline(noise_floor_cos_sim, color="0.3", ls=":", lw=1.2,
+                     label=f"cos(ΔW) noise floor, other seed ({noise_floor_cos_sim:.2f})")
+        ax_s.set(xscale="log", xlabel="LoRA rank r (log scale)", ylabel="similarity (0–1)",
+                 ylim=(0, 1.05), title="Weight vs output similarity")
+        for ax in (ax_g, ax_s):
+            ax.set_xticks(list(d["rank"]), [str(int(r)) for r in d["rank"]])
+            ax.minorticks_off()
+            ax.legend(fontsize=7, loc="best")
+    return out
+
+
+def plot_weight_similarity_heatmap(layers: pd.DataFrame, out: Path) -> Path:
+    """cos(ΔW_LoRA, ΔW_QLoRA) per layer (x) and module (y) of the headline pair."""
+    grid = layers.pivot_table(index="module", columns="layer", values="cos_sim", sort=True)
+    annotate = grid.shape[1] <= MAX_ANNOTATED_LAYERS
+    with _figure(1, out, "Weight similarity per layer and module (headline pair, same seed)") \
+            as (fig, (ax,)):
+        sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", annot=annotate, fmt=".2f",
+                    annot_kws={"fontsize": 7}, ax=ax,
+                    cbar_kws={"label": "cos(ΔW_LoRA, ΔW_QLoRA)"})
+        ax.set(xlabel="layer index", ylabel="adapted module")
+        ax.tick_params(axis="y", rotation=0)
+    return out
+
+
+def plot_module_sensitivity(modules: pd.DataFrame, seed_spread: float, lora_r: int,
+                            out: Path) -> Path:
+    """Per target preset: eval-loss gap (with the seed-spread band), quality drop %, KL."""
+    d = modules.assign(targets=modules["targets"].astype(str))
+    with _figure(3, out, f"Module sensitivity (H2) at rank {lora_r}") as (fig, axes):
+        ax_g, ax_q, ax_k = axes
+        ax_g.axhspan(-seed_spread, seed_spread, color="0.85", label="± seed spread")
+        sns.barplot(d, x="targets", y="eval_loss_gap", color=PALETTE["QLoRA"], ax=ax_g)
+        ax_g.axhline(0, color="0.4", lw=0.8)
+        ax_g.set(xlabel="target preset", ylabel="Δ eval loss (nats/token)",
+                 title="Eval-loss gap QLoRA − LoRA")
+        ax_g.legend(fontsize=7)
+        sns.barplot(d, x="targets", y="quality_drop_pct", color="#8c564b", ax=ax_q)
+        ax_q.axhline(0, color="0.4", lw=0.8)
+        ax_q.set(xlabel="target preset", ylabel="quality drop (%)", title="Quality drop")
+        sns.barplot(d, x="targets", y="kl_mean", color="#17becf", ax=ax_k)
+        ax_k.set(xlabel="target preset", ylabel="KL (nats/token)",
+                 title="KL divergence LoRA vs QLoRA\n(next-token distributions)")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=30)
+    return out
+
+
+def plot_quantization_error(quant_table: pd.DataFrame, out: Path) -> Path:
+    """Mean relative error of W per module type under NF4/FP4 with and without double
+    quantization (error bars: one standard deviation over layers)."""
+    d = quant_table.assign(config=[CONFIG_LABEL[f"{t}_dq" if bool(dq) else t]
+                                   for t, dq in zip(quant_table["quant_type"],
+                                                    quant_table["double_quant"])])
+    order = [c for c in CONFIG_LABEL.values() if c in set(d["config"])]
+    palette = dict(zip(CONFIG_LABEL.values(), ["#1b9e77", "#66c2a5", "#d95f02", "#fc8d62"]))
+    title = "Quantization error of the frozen weights per module type"
+    with _figure(1, out, title) as (fig, (ax,)):
+        sns.barplot(d, x="module", y="rel_frob_error", hue="config", hue_order=order,
+                    palette=palette, errorbar="sd", ax=ax)
+        ax.set(xlabel="module type", ylabel="‖W − deq(Q(W))‖_F / ‖W‖_F  (relative error)")
+        _legend_on_top(ax, ncol=4)
+        ax.tick_params(axis="x", rotation=20)
+    return out
+
+
+def load_loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
+    """dvclive curves ``plots/metrics/{train,eval}/loss.tsv`` of ``{run name: run dir}``, as
+    rows ``run, method, seed, split, step, loss`` (run names are
+    ``<method>-r<rank>-<targets>-s<seed>``)."""
+    frames = []
+    for name, folder in runs.items():
+        method, seed = name.split("-")[0], name.rsplit("-s", 1)[1]
+        for split in ("train", "eval"):
+            tsv = folder / "plots" / "metrics" / split / "loss.tsv"
+            df = pd.read_csv(tsv, sep="\t")
+            frames.append(df[["step", "loss"]].assign(run=name, method=METHOD_LABEL[method],
+                                                      seed=f"seed {seed}", split=split))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_loss_curves(curves: pd.DataFrame, lora_r: int, out: Path) -> Path:
+    """Train and eval loss vs optimizer step for each run in ``curves`` (see
+    :func:`load_loss_curves`)."""
+    with _figure(2, out, f"Loss curves: headline and seed runs at rank {lora_r}") as (fig, axes):
+        for ax, split, title in zip(axes, ("train", "eval"),
+                                    ("Train loss (per step)", "Eval loss (whole eval split)")):
+            d = curves[curves["split"] == split]
+            sns.lineplot(d, x="step", y="loss", hue="method", style="seed", palette=PALETTE,
+                         markers=split == "eval", dashes=True, lw=1.2, ax=ax)
+            ax.set(xlabel="optimizer step", ylabel="loss (nats/token, response tokens)",
+                   title=title)
+            ax.legend(fontsize=7)
+    return out
+
+
+def make_figures(*, out_dir: Path, ranks: pd.DataFrame, modules: pd.DataFrame,
+                 layers: pd.DataFrame, quant_table: pd.DataFrame, curves: pd.DataFrame,
+                 seed_spread: float, cos_threshold: float, noise_floor_cos_sim: float,
+                 memory_measure: str, lora_r: int) -> dict[str, Path]:
+    """Write every figure of :data:`FIGURES` into ``out_dir``; ``{file name: path}``."""
+    out_dir = Path(out_dir)
+    paths = [
+        plot_memory(ranks, memory_measure, out_dir / "memory.png"),
+        plot_rank_threshold(ranks, seed_spread, cos_threshold, noise_floor_cos_sim, lora_r,
+                            out_dir / "rank_threshold.png"),
+        plot_weight_similarity_heatmap(layers, out_dir / "weight_similarity_heatmap.png"),
+        plot_module_sensitivity(modules, seed_spread, lora_r, out_dir / "module_sensitivity.png"),
+        plot_quantization_error(quant_table, out_dir / "quantization_error.png"),
+        plot_loss_curves(curves, lora_r, out_dir / "loss_curves.png"),
+    ]
+    return {p.name: p for p in paths}

@@ -1,0 +1,39 @@
+"""Stage `plot`: figures, verdicts and the written report from the compare stage's numbers.
+
+Writes reports/figures/*.png, reports/verdicts.json and reports/report.md, and prints the
+verdict lines.
+"""
+from pathlib import Path
+
+from qlora_diag.atomic import atomic_dir, write_json, write_text
+from qlora_diag.cli import run_stage
+from qlora_diag.config import load_params
+from qlora_diag.plotting import load_loss_curves, make_figures
+from qlora_diag.report import diagnose_inputs, read_inputs, render_report
+
+REPORTS = Path("reports")
+
+
+def main() -> None:
+    params = load_params("params.yaml")
+    inputs = read_inputs(REPORTS, params)
+    diagnosis = diagnose_inputs(inputs, params)
+    m = inputs.metrics
+    with atomic_dir(REPORTS / "figures") as tmp:
+        make_figures(out_dir=tmp, ranks=inputs.ranks, modules=inputs.modules,
+                     layers=inputs.layers, quant_table=inputs.quant_table,
+                     curves=load_loss_curves(inputs.run_dirs),
+                     seed_spread=m["eval_loss_seed_spread"],
+                     cos_threshold=params.compare.cos_threshold,
+                     noise_floor_cos_sim=m["noise_floor_cos_sim"],
+                     memory_measure=inputs.memory_measure, lora_r=params.lora.r)
+    write_json(REPORTS / "verdicts.json", diagnosis.to_json())
+    write_text(REPORTS / "report.md", render_report(inputs, diagnosis, params, "figures"))
+    for line in diagnosis.lines():
+        print(line)
+    print(f"plot: wrote {REPORTS / 'report.md'}, {REPORTS / 'verdicts.json'} and "
+          f"{REPORTS / 'figures'}/")
+
+
+if __name__ == "__main__":
+    run_stage(main)
