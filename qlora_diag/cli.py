@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -10,11 +11,19 @@ from qlora_diag.errors import UserError
 DEBUG_ENV = "QLORA_DIAG_DEBUG"
 
 
+def _terminate(signum, frame):
+    # A preempted host or `dvc queue kill` sends SIGTERM, whose default action skips every
+    # cleanup; raising here runs the same path as Ctrl-C, so temporary outputs are removed.
+    raise KeyboardInterrupt
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run ``main``; print a :class:`UserError` as one paragraph and exit 2.
 
-    Set ``QLORA_DIAG_DEBUG=1`` to get the full traceback instead.
+    Set ``QLORA_DIAG_DEBUG=1`` to get the full traceback instead. Ctrl-C and SIGTERM exit with
+    130 after the interrupted writes have cleaned up.
     """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as exc:

