@@ -1,5 +1,8 @@
 """Stage `base`: resolve base.model and save it once as a plain HF directory (models/base)."""
+from pathlib import Path
+
 from qlora_diag.atomic import write_json
+from qlora_diag.check_params import check_against_model
 from qlora_diag.cli import run_stage
 from qlora_diag.config import load_params
 from qlora_diag.models import materialize_base
@@ -11,6 +14,7 @@ def main() -> None:
     params = load_params("params.yaml")
     info = materialize_base(params.base.model, OUT, dtype=params.base.dtype)
     write_json(f"{OUT}/base_info.json", info)
+    check_against_model(params, Path(OUT))  # fail now, not when the first bad run starts
     print(f"base: {info['source']} -> {OUT} ({info['n_params'] / 1e6:.1f} M parameters, "
           f"{info['dtype']})")
 

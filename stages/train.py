@@ -2,6 +2,7 @@
 import argparse
 from pathlib import Path
 
+from qlora_diag.check_params import check_against_model
 from qlora_diag.cli import run_stage
 from qlora_diag.config import load_params
 from qlora_diag.training import GenerationCfg, RunSpec, configure_threads, train_adapter
@@ -20,6 +21,7 @@ def parse_run() -> RunSpec:
 def main() -> None:
     params = load_params("params.yaml")
     spec = parse_run()
+    check_against_model(params, Path("models/base"))
     threads = configure_threads(params.train.threads)
     print(f"{spec.name}: training on {threads} thread(s)", flush=True)
     m = train_adapter(
