@@ -1,0 +1,33 @@
+"""Stage `compare`: LoRA vs QLoRA at the weight and function level, the base models' own numbers
+and the transfer check -> reports/metrics.json, reports/{ranks,modules,layers}.csv and
+reports/compare/ (pairs, per-task, base, transfer, setup), read by the plot stage."""
+from pathlib import Path
+
+from qlora_diag.cli import run_stage
+from qlora_diag.comparison import ComparePaths, run_compare, summary_lines, write_outputs
+from qlora_diag.config import load_params
+from qlora_diag.training import configure_threads
+
+PATHS = ComparePaths(
+    base_dir=Path("models/base"), quant_dir=Path("models/quantized"),
+    data_dir=Path("data/prepared"), adapters_dir=Path("models/adapters"),
+    train_dir=Path("reports/train"), quant_csv=Path("reports/quantization.csv"),
+    reports_dir=Path("reports"), compare_dir=Path("reports/compare"))
+
+
+def main() -> None:
+    params = load_params("params.yaml")
+    threads = configure_threads(params.train.threads)
+    print(f"compare: {len(params.sweep.ranks)} rank(s), {1 + len(params.sweep.targets)} "
+          f"preset(s), {1 + len(params.sweep.seeds)} seed(s) at r={params.lora.r}; "
+          f"{threads} thread(s)", flush=True)
+    result = run_compare(params, PATHS)
+    write_outputs(result, PATHS)
+    for line in summary_lines(result):
+        print(line)
+    print(f"compare: wrote {PATHS.reports_dir}/metrics.json, ranks.csv, modules.csv, layers.csv "
+          f"and {PATHS.compare_dir}/ in {result.setup['timings_s']['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    run_stage(main)
