@@ -48,6 +48,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from qlora_diag.atomic import write_json
 from qlora_diag.batching import RecordDataset, collate, training_order
+from qlora_diag.comparison import _cpu_model  # one reader of /proc/cpuinfo for report and bench
 from qlora_diag.config import BenchCfg, LoraCfg, TrainCfg
 from qlora_diag.data import load_split
 from qlora_diag.errors import UserError
@@ -192,16 +193,6 @@ def measure_matmul_gflops(dtype: torch.dtype, device: torch.device, *, seconds: 
         dt = time.perf_counter() - t0
         best, spent, reps = min(best, dt), spent + dt, reps + 1
     return 2 * m * k * n / best / 1e9
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_facts(device: torch.device, base_dtype: str, compute_dtype: str) -> dict:
