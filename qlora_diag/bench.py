@@ -302,7 +302,7 @@ def project_trainer(model, setup: TrainSetup, method: str, device: torch.device,
     trainer = ResponseOnlyTrainer(
         model=model, args=args, train_dataset=RecordDataset(records),
         data_collator=lambda rs: collate(rs, pad_id), order=setup.order(records),
-        callbacks=[StepAlignedDVCLive(live=live)])
+        share_prefix=setup.train.share_prefix, callbacks=[StepAlignedDVCLive(live=live)])
     trainer.remove_callback(PrinterCallback)  # as train_adapter: no dict printed per step
     return trainer
 

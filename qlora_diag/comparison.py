@@ -45,7 +45,7 @@ from qlora_diag.config import Params
 from qlora_diag.data import load_split
 from qlora_diag.errors import UserError
 from qlora_diag.generation import exact_match_summary, generate_greedy, generation_records
-from qlora_diag.losses import evaluate_loss, hidden_states
+from qlora_diag.losses import evaluate_loss, response_hidden
 from qlora_diag.models import load_tokenizer, resolve_dtype
 from qlora_diag.quantization import quantization_residuals
 from qlora_diag.runs import (CROSS_SEED, NOISE_LORA, NOISE_QLORA, SAME_SEED, AdapterPair, Pair,
@@ -222,21 +222,19 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
     n = 0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = collate([records[i] for i in order[start:start + batch_size]], pad_id)
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE
         outs = []
         for model, head in ((model_a, head_a), (model_b, head_b)):
             dev = _device(model)
-            h = hidden_states(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-            h = h[:, :-1][keep.to(dev)]
+            h, y = response_hidden(model, *(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")),
+                                   share_prefix=True)
             outs.append((h.float().cpu(), head(h).float().cpu()))
         (ha, la), (hb, lb) = outs
-        y = targets[keep]
+        y = y.cpu()
         loss_a += float(F.cross_entropy(la, y, reduction="sum"))
         loss_b += float(F.cross_entropy(lb, y, reduction="sum"))
         kl += kl_divergence_sum(la, lb)
         cos += float(F.cosine_similarity(ha, hb, dim=-1).sum())
-        n += int(keep.sum())
+        n += int(y.numel())
     if n == 0:
         raise UserError("the eval split has no response tokens; re-create it with `dvc repro "
                         "prepare` and check data.max_length")

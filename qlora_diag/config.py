@@ -185,6 +185,7 @@ class TrainCfg:
     max_grad_norm: float = _checks(lambda v: None if v > 0 else "must be > 0")
     optimizer: str = _checks(one_of(*OPTIMIZERS))
     group_by_length: bool = _checks()
+    share_prefix: bool = _checks()
     kbit_prep: bool = _checks()
     eval_every: int = _checks(positive)
     save_every: int = _checks(positive)

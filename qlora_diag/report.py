@@ -429,7 +429,10 @@ def _section_setup(inp: ReportInputs, p: Params) -> str:
         + ("with peft's prepare_model_for_kbit_training (train.kbit_prep: gradient "
            "checkpointing, norms and embeddings upcast to float32)." if p.train.kbit_prep else
            "without prepare_model_for_kbit_training (train.kbit_prep = false: no gradient "
-           "checkpointing, the same training code path as LoRA)."))
+           "checkpointing, the same training code path as LoRA).")
+        + (" Prompt prefixes that rows of a batch share are encoded once per step "
+           "(train.share_prefix: the same loss and gradient; LoRA dropout on those positions "
+           "draws one mask per distinct prefix)." if p.train.share_prefix else ""))
     lines.append(
         f"- **Runs**: rank sweep {_list(p.sweep.ranks)} on `{p.lora.targets}` (seed {p.seed}); "
         f"noise floor: seeds {_list([p.seed, *p.sweep.seeds])} at rank {p.lora.r}; module "

@@ -142,16 +142,18 @@ def fingerprint(*parts) -> str:
 class ResponseOnlyTrainer(Trainer):
     """Trainer with the response-only loss and a fixed, seed-determined batch order."""
 
-    def __init__(self, *args, order: list[int], **kwargs):
+    def __init__(self, *args, order: list[int], share_prefix: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.order = order
+        self.share_prefix = share_prefix
         self.tokens_per_step: dict[int, int] = {}
 
     def _get_train_sampler(self, train_dataset=None):
         return FixedOrderSampler(self.order)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, n = response_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        loss, n = response_loss_sum(model, inputs["input_ids"], inputs["attention_mask"],
+                                    inputs["labels"], share_prefix=self.share_prefix)
         self.tokens_per_step[self.state.global_step + 1] = int(inputs["attention_mask"].sum())
         return loss / max(n, 1)
 
@@ -278,7 +280,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     trainer = ResponseOnlyTrainer(
         model=model, args=args, train_dataset=RecordDataset(train_records),
         data_collator=lambda rs: collate(rs, tokenizer.pad_token_id), order=order,
-        callbacks=[StepAlignedDVCLive(live=live), evals])
+        share_prefix=train.share_prefix, callbacks=[StepAlignedDVCLive(live=live), evals])
     trainer.remove_callback(PrinterCallback)  # one line per eval instead of a dict per step
     live.log_params({"run": spec.name, **dataclasses.asdict(spec), "optimizer": optim,
                      "device": device.type, "base_dtype": resolve_dtype(base_dtype),

@@ -25,7 +25,7 @@ LORA = LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv")
 
 def train_cfg(**over) -> TrainCfg:
     base = dict(max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="constant", warmup_steps=0,
-                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True, kbit_prep=False,
+                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True, share_prefix=True, kbit_prep=False,
                 eval_every=3, save_every=2, threads=1)
     base.update(over)
     return TrainCfg(**base)
@@ -77,15 +77,67 @@ def test_training_order_is_a_function_of_seed_and_groups_lengths():
     assert spread(a) < spread(training_order(lengths, 4, 30, seed=1, group_by_length=False))
 
 
-def test_response_loss_equals_hf_loss(tiny_model):
-    """Running the LM head only on labelled positions must not change the loss."""
-    batch = collate([{"input_ids": list(range(10, 30)), "n_prompt": 12},
-                     {"input_ids": list(range(40, 52)), "n_prompt": 5}], pad_id=2)
+# Rows sharing prompt prefixes of several lengths (the whole prompt but its last token, in one
+# pair), and a row sharing nothing.
+SHARED_PREFIX_ROWS = [
+    {"input_ids": list(range(10, 30)), "n_prompt": 12},
+    {"input_ids": list(range(10, 18)) + [900, 901, 902, 903, 904], "n_prompt": 10},
+    {"input_ids": list(range(10, 22)) + [77, 78], "n_prompt": 13},
+    {"input_ids": list(range(40, 52)), "n_prompt": 5},
+    {"input_ids": list(range(40, 44)) + [5, 6, 7], "n_prompt": 5},
+]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_response_loss_equals_hf_loss(tiny_model, share_prefix):
+    """Running the LM head only on labelled positions, and encoding shared prompt prefixes
+    once, must not change the loss."""
+    batch = collate(SHARED_PREFIX_ROWS, pad_id=2)
     tiny_model.float()
-    ours, n = response_loss_sum(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ours, n = response_loss_sum(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                share_prefix=share_prefix)
     hf = tiny_model(**batch).loss
-    assert n == (20 - 12) + (12 - 5)
+    assert n == sum(len(r["input_ids"]) - r["n_prompt"] for r in SHARED_PREFIX_ROWS)
     torch.testing.assert_close(ours / n, hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
+    """Without dropout, sharing prefixes changes neither the loss nor the adapter's gradient
+    (the shared activations collect the gradient of every row that uses them)."""
+    from qlora_diag.models import load_base, load_quantized
+    from qlora_diag.quantization import quantize_and_save
+
+    if method == "qlora":
+        quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
+                          compute_dtype="float32")
+        base = load_quantized(tmp_path / "q", "float32")
+    else:
+        base = load_base(tiny_base_dir, "float32")
+    model = attach_lora(base, rank=4, alpha=8.0, dropout=0.0, targets="qv", seed=3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every A gradient zero
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    batch = collate(SHARED_PREFIX_ROWS, pad_id=2)
+    grads, losses = [], []
+    for share in (False, True):
+        model.zero_grad()
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], share_prefix=share)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    if method == "qlora":  # gradient checkpointing drops the cache: sharing must step aside
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], share_prefix=True)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), losses[0], rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_optimizer_choice_by_device():
