@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_diag.atomic import atomic_dir, atomic_file, write_json
-from qlora_diag.batching import IGNORE, collate
+from qlora_diag.batching import collate
 from qlora_diag.config import Params
 from qlora_diag.data import load_split
 from qlora_diag.errors import UserError

@@ -1,15 +1,15 @@
-"""Greedy decoding of the eval prompts: batched, with the KV cache and shared prompt prefixes
-encoded once.
+"""Greedy decoding of the eval prompts: batched, with the KV cache, shared prompt prefixes
+computed once.
 
 Eval prompts share long prefixes (an instruction template's preamble, a chat template's system
-turn), so a batch of prompts is decoded in three steps:
+turn), so a batch of prompts is decoded in two steps:
 
-1. **prefixes**: each distinct prefix the batch's prompts share is encoded once
-   (:mod:`qlora_diag.prefix_sharing`);
-2. **suffixes**: the rest of each prompt runs on top of its prefix's cache, left-padded so every
-   row's last prompt token is the last column (the LM head runs on that column only);
-3. **decoding**: one token per step from ``argmax``; a row that has produced eos leaves the
-   batch (its cache rows are dropped), so late steps cost only the rows still running.
+1. **prefill**: the batch's prompts run packed as a prefix tree, so the tokens they share are
+   computed once (:mod:`qlora_diag.prefix_sharing`); the LM head runs on each prompt's last
+   token only, and the packed KV cache is gathered into one left-padded row per prompt;
+2. **decoding**: one token per step from ``argmax``, at the position it has after the unpadded
+   prompt; a row that has produced eos leaves the batch (its cache rows are dropped), so late
+   steps cost only the rows still running.
 
 Batches are runs of the prompts in lexicographic token order (prompts with a common prefix sit
 together); outputs are returned in the original order. Greedy decoding is deterministic, so two
@@ -22,34 +22,56 @@ from __future__ import annotations
 import torch
 
 from qlora_diag.losses import decoder_parts
-from qlora_diag.prefix_sharing import SharedPrefixes, encode_shared_prefixes, left_padded, positions
+from qlora_diag.prefix_sharing import build_prefix_tree, supports_tree_mask, tree_forward
 from qlora_diag.probe import exact_match
 
 
-def _next_tokens(backbone, head, ids, mask, pos, cache) -> torch.Tensor:
-    h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                 use_cache=True).last_hidden_state
-    return head(h[:, -1]).float().argmax(-1)
+def _prefill(backbone, head, prompts: list[list[int]], device):
+    """Run the prompts packed as a prefix tree; returns each row's first new token, its KV cache
+    (rows left-padded to the longest prompt) and the cache's attention mask."""
+    from transformers import DynamicCache
+
+    tree = build_prefix_tree(prompts)
+    packed = DynamicCache(config=backbone.config)
+    hidden = tree_forward(backbone, tree, device, cache=packed).last_hidden_state[0]
+    last = torch.tensor([path[-1] for path in tree.paths], device=device)
+    token = head(hidden[last]).float().argmax(-1)
+    width = max(len(p) for p in prompts)
+    index = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, path in enumerate(tree.paths):
+        index[row, width - len(path):] = torch.tensor(path)
+        mask[row, width - len(path):] = 1
+    index = index.to(device)
+    cache = DynamicCache(config=backbone.config)
+    for layer_idx, layer in enumerate(packed.layers):  # (1, heads, nodes, dim) -> (rows, heads, width, dim)
+        cache.update(layer.keys[0][:, index].transpose(0, 1), layer.values[0][:, index].transpose(0, 1),
+                     layer_idx)
+    return token, cache, mask.to(device)
+
+
+def _padded_prefill(backbone, head, prompts: list[list[int]], pad_id: int, device):
+    """As :func:`_prefill` for attention implementations without tree masks: one left-padded
+    pass over every prompt."""
+    from transformers import DynamicCache
+
+    ids, mask = left_padded(prompts, pad_id, device)
+    cache = DynamicCache(config=backbone.config)
+    h = backbone(input_ids=ids, attention_mask=mask, position_ids=real_positions(mask),
+                 past_key_values=cache, use_cache=True).last_hidden_state
+    return head(h[:, -1]).float().argmax(-1), cache, mask
 
 
 def _decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
                   eos_id: int, device) -> list[list[int]]:
-    from transformers import DynamicCache
-
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
         return out
     backbone, head = decoder_parts(model)
-    shared = encode_shared_prefixes(backbone, prompts, [len(p) - 1 for p in prompts], pad_id, device)
-    if shared is None:  # a one-token prompt leaves no room for a prefix
-        shared = SharedPrefixes(DynamicCache(config=backbone.config),
-                                torch.zeros((len(prompts), 0), dtype=torch.long, device=device),
-                                [0] * len(prompts))
-    cache = shared.cache
-    ids, smask = left_padded([p[c:] for p, c in zip(prompts, shared.lengths)], pad_id, device)
-    mask = torch.cat([shared.mask, smask], dim=1)
-    token = _next_tokens(backbone, head, ids, mask,
-                         positions(smask, torch.tensor(shared.lengths, device=device)), cache)
+    if supports_tree_mask(backbone):
+        token, cache, mask = _prefill(backbone, head, prompts, device)
+    else:
+        token, cache, mask = _padded_prefill(backbone, head, prompts, pad_id, device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     alive = list(range(len(prompts)))  # prompt index of each row still in the batch
     for step in range(max_new_tokens):
@@ -68,8 +90,27 @@ def _decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_i
             token, mask, lengths = token[keep], mask[keep], lengths[keep]
             alive = [alive[r] for r in keep.tolist()]
         mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
-        token = _next_tokens(backbone, head, token[:, None], mask, (lengths + step)[:, None], cache)
+        h = backbone(input_ids=token[:, None], attention_mask=mask,
+                     position_ids=(lengths + step)[:, None], past_key_values=cache,
+                     use_cache=True).last_hidden_state
+        token = head(h[:, -1]).float().argmax(-1)
     return out
+
+
+def left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each row right-aligned."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.tensor(s)
+        mask[row, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's index among its row's real tokens (pads: 0, masked out anyway)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
 
 
 @torch.no_grad()

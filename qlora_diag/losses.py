@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_diag.batching import IGNORE, collate
-from qlora_diag.prefix_sharing import encode_shared_prefixes, positions
+from qlora_diag.prefix_sharing import build_prefix_tree, supports_tree_mask, tree_forward
 
 
 def _unwrap(model):
@@ -36,42 +36,22 @@ def response_hidden(model, input_ids, attention_mask, labels, *,
     """(final hidden states of the positions that predict a labelled token, those labels), in
     row-major order, from a right-padded batch (:func:`~qlora_diag.batching.collate`).
 
-    With ``share_prefix`` the prompt prefixes the rows share are encoded once
-    (:mod:`qlora_diag.prefix_sharing`); it falls back to the plain pass under gradient
-    checkpointing (which drops the cache) or when a row's first response token follows a
-    one-token prompt.
+    With ``share_prefix`` the batch runs packed as a prefix tree, so tokens the rows share are
+    computed once (:mod:`qlora_diag.prefix_sharing`); otherwise, or when the attention
+    implementation cannot take a tree mask, as a padded batch.
     """
     backbone, _ = decoder_parts(model)
-    shared = None
-    checkpointing = backbone.training and any(getattr(m, "gradient_checkpointing", False)
-                                              for m in backbone.modules())
-    if share_prefix and not checkpointing:
-        lengths = attention_mask.sum(-1).tolist()
-        first_label = [int(torch.nonzero(row != IGNORE)[0]) if (row != IGNORE).any() else n
-                       for row, n in zip(labels, lengths)]
-        seqs = [ids[:n].tolist() for ids, n in zip(input_ids, lengths)]
-        shared = encode_shared_prefixes(backbone, seqs, [f - 1 for f in first_label],
-                                        pad_id=0, device=input_ids.device)
-    if shared is None:
-        hidden = hidden_states(model, input_ids, attention_mask)
-    else:
-        rows = [s[c:] for s, c in zip(seqs, shared.lengths)]
-        width = max(len(r) for r in rows)
-        input_ids = torch.zeros((len(rows), width), dtype=torch.long, device=input_ids.device)
-        attention_mask = torch.zeros_like(input_ids)
-        cut_labels = torch.full_like(input_ids, IGNORE)
-        for i, (r, c) in enumerate(zip(rows, shared.lengths)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention_mask[i, : len(r)] = 1
-            cut_labels[i, : len(r)] = labels[i, c: c + len(r)]
-        labels = cut_labels
-        pos = positions(attention_mask, torch.tensor(shared.lengths, device=input_ids.device))
-        hidden = backbone(input_ids=input_ids, attention_mask=torch.cat([shared.mask, attention_mask], 1),
-                          position_ids=pos, past_key_values=shared.cache,
-                          use_cache=True).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    return hidden[:, :-1][keep], targets[keep]
+    if not (share_prefix and supports_tree_mask(backbone)):
+        hidden = hidden_states(model, input_ids, attention_mask)
+        return hidden[:, :-1][keep], targets[keep]
+    lengths = attention_mask.sum(-1).tolist()
+    tree = build_prefix_tree([ids[:n].tolist() for ids, n in zip(input_ids, lengths)])
+    hidden = tree_forward(backbone, tree, input_ids.device).last_hidden_state[0]
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major, as boolean indexing orders them
+    nodes = [tree.paths[r][c] for r, c in zip(rows.tolist(), cols.tolist())]
+    return hidden[torch.tensor(nodes, dtype=torch.long, device=hidden.device)], targets[keep]
 
 
 def response_loss_sum(model, input_ids, attention_mask, labels, *,

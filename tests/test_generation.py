@@ -8,7 +8,7 @@ import torch
 
 from qlora_diag.bench import generate_one_at_a_time
 from qlora_diag.generation import generate_greedy
-from qlora_diag.prefix_sharing import shared_prefix_lengths
+from qlora_diag.prefix_sharing import build_prefix_tree
 
 PREAMBLES = ([5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12, 13], [40])
 
@@ -27,14 +27,41 @@ def fp32_model(tiny_base_dir):
     return load_base(tiny_base_dir, "float32")
 
 
-def test_shared_prefix_lengths():
-    prompts = [[1, 2, 7], [8, 8], [1, 2, 3, 4], [1, 2, 3, 9, 9]]
-    limits = [len(p) - 1 for p in prompts]
-    # each prompt's longest prefix shared with another one, at least 1, at most its limit
-    assert shared_prefix_lengths(prompts, limits) == [2, 1, 3, 3]
-    assert shared_prefix_lengths(prompts, [1, 1, 2, 9]) == [1, 1, 2, 3]
-    assert shared_prefix_lengths([[4, 4, 4]], [2]) == [1]
-    assert shared_prefix_lengths([[1, 2], [1, 2]], [1, 1]) == [1, 1]
+def test_prefix_tree_shares_common_prefixes():
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 7], [8, 8], [1, 2, 3, 4]]
+    tree = build_prefix_tree(seqs)
+    # nodes: 1 2 3 4 | 9 9 | 7 | 8 8 -- the duplicate row adds nothing
+    assert tree.n_nodes == 4 + 2 + 1 + 2
+    assert [[tree.tokens[n] for n in path] for path in tree.paths] == seqs
+    assert all(tree.depths[n] == d for path in tree.paths for d, n in enumerate(path))
+    assert tree.paths[0][:3] == tree.paths[1][:3] == tree.paths[4][:3]
+    mask = tree.attention_mask(torch.float32, "cpu")[0, 0]
+    visible = (mask == 0).int()
+    for path in tree.paths:  # each node sees exactly its ancestors and itself
+        for d, node in enumerate(path):
+            assert visible[node].nonzero().flatten().tolist() == sorted(path[: d + 1])
+
+
+def test_eager_attention_and_padded_fallback_agree(tiny_base_dir):
+    """The tree mask also works with eager attention; an implementation without it (simulated
+    here) takes the left-padded prefill, with the same outputs."""
+    from qlora_diag import prefix_sharing
+    from qlora_diag.models import load_base
+
+    prompts = prompts_with_shared_preambles(7, seed=5)
+    outs = []
+    for impl in ("sdpa", "eager", "flash_attention_2"):
+        model = load_base(tiny_base_dir, "float32")
+        model.config._attn_implementation = impl if impl != "flash_attention_2" else "eager"
+        if impl == "flash_attention_2":
+            prefix_sharing.TREE_MASK_ATTENTION, saved = (), prefix_sharing.TREE_MASK_ATTENTION
+        try:
+            outs.append(generate_greedy(model, prompts, max_new_tokens=5, batch_size=4, pad_id=0,
+                                        eos_id=-1))
+        finally:
+            if impl == "flash_attention_2":
+                prefix_sharing.TREE_MASK_ATTENTION = saved
+    assert outs[0] == outs[1] == outs[2]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
