@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -129,7 +128,7 @@ def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
-    if method == "qlora":  # gradient checkpointing drops the cache: sharing must step aside
+    if method == "qlora":  # the packed tree needs no KV cache, so it also runs under checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.zero_grad()
         loss, _ = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
@@ -138,6 +137,41 @@ def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
         torch.testing.assert_close(loss.detach(), losses[0], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_qlora_gradient_is_unchanged_by_an_evaluation_in_between(tiny_base_dir, tmp_path):
+    """bitsandbytes repacks a Linear4bit's weights for a bf16 CPU inference kernel the first time
+    it runs in eval mode on a CPU with AVX512-BF16, and that kernel has no backward: training
+    after an evaluation would then get wrong gradients through the base layers. Our loader keeps
+    every Linear4bit on the differentiable path, so an evaluation must not change the gradient."""
+    from qlora_diag.models import load_quantized
+    from qlora_diag.quantization import quantize_and_save
+
+    quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
+                      compute_dtype="bfloat16")
+    base = load_quantized(tmp_path / "q", "bfloat16")
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in base.modules())
+    model = attach_lora(base, rank=4, alpha=8.0, dropout=0.0, targets="qv", seed=3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = collate(SHARED_PREFIX_ROWS, pad_id=2)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], share_prefix=False)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
 
 
 def test_optimizer_choice_by_device():
