@@ -525,8 +525,10 @@ def fm_slower(*, step_time_ratio: float, tokens_per_s_lora: float, tokens_per_s_
         return None
     return FailureMode(
         "slower", "QLoRA trains slower",
-        symptom=(f"QLoRA steps take {step_time_ratio:.2f}× as long as LoRA's "
-                 f"({tokens_per_s_qlora:.0f} vs {tokens_per_s_lora:.0f} tokens/s)."),
+        symptom=(f"QLoRA's median step takes {step_time_ratio:.2f}× as long as LoRA's "
+                 f"(throughput over all timed steps: {tokens_per_s_qlora:.0f} vs "
+                 f"{tokens_per_s_lora:.0f} tokens/s; the median ignores the few long steps that "
+                 "dominate the total)."),
         cause=("Every 4-bit weight is dequantized to the compute dtype for each matmul, in the "
                "forward pass and again in the backward pass; the matmul itself costs the same as "
                "LoRA's, so the dequantization is pure overhead."
