@@ -379,7 +379,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     live.make_summary()
 
     with atomic_dir(adapter_out) as tmp:
-        model.save_pretrained(tmp)
+        save_adapter(model, tmp)
     with atomic_dir(report_dir) as tmp:
         shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
         write_json(tmp / "run.json", metrics)
@@ -388,6 +388,21 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                 fh.write(json.dumps(row) + "\n")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """``save_pretrained``, with the config's set-valued fields (``target_modules``) as sorted
+    lists: PEFT writes ``list(set)``, whose order follows the per-process string-hash seed, so
+    identical runs would write different bytes and DVC would see a changed output and rerun
+    every stage downstream."""
+    model.save_pretrained(out_dir)
+    config = model.peft_config["default"]
+    path = Path(out_dir) / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    for key, value in vars(config).items():
+        if isinstance(value, (set, frozenset)) and key in saved:
+            saved[key] = sorted(value)
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 def _step_of(ckpt: Path | None) -> int:

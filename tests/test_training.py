@@ -289,6 +289,20 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
     assert steps == sorted(set(steps)) and steps[-1] == 8, "each step logged once after resume"
 
 
+def test_save_adapter_writes_set_valued_config_fields_sorted(tiny_model, tmp_path):
+    """PEFT keeps target_modules as a set and writes list(set), whose order follows the
+    process's string-hash seed: identical runs would give adapters with different bytes (and
+    DVC hashes). Seven modules: an unsorted order survives by chance with p = 1/5040."""
+    from qlora_diag.training import save_adapter
+
+    model = attach_lora(tiny_model, rank=2, alpha=4, dropout=0.0, targets="attn_mlp", seed=0)
+    save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a/adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(model.peft_config["default"].target_modules)
+    assert len(saved["target_modules"]) == 7
+    assert (tmp_path / "a/adapter_model.safetensors").is_file()
+
+
 def _live_dir(root, steps_logged):
     """A dvclive directory as a run killed after logging ``steps_logged`` leaves it."""
     from dvclive import Live
