@@ -405,6 +405,14 @@ def save_adapter(model, out_dir: Path) -> None:
     path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
+def run_summary(m: dict) -> str:
+    """The stage's closing line. Speed is n/a when no step was timed (a run resumed from its
+    last checkpoint, or one with no steps after the timing warm-up)."""
+    speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
+    return (f"{m['run']}: eval_loss {m['eval_loss']:.4f}  exact_match {m['exact_match']:.3f}  "
+            f"{speed} tok/s  peak {m['peak_mem_mb']:.0f} MB  {m['wall_s']:.0f} s")
+
+
 def _step_of(ckpt: Path | None) -> int:
     return int(ckpt.name.split("-")[-1]) if ckpt else 0
 

@@ -289,6 +289,18 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
     assert steps == sorted(set(steps)) and steps[-1] == 8, "each step logged once after resume"
 
 
+def test_run_summary_reports_speed_as_na_without_timed_steps():
+    """A run resumed from its last checkpoint trains no step, so nothing is timed: the closing
+    line says n/a instead of crashing on None (run.json keeps None)."""
+    from qlora_diag.training import run_summary
+
+    m = {"run": "qlora-r4-qv-s5", "eval_loss": 2.5, "exact_match": 0.25, "tokens_per_s": None,
+         "peak_mem_mb": 812.4, "wall_s": 3.2}
+    assert run_summary(m) == ("qlora-r4-qv-s5: eval_loss 2.5000  exact_match 0.250  n/a tok/s  "
+                              "peak 812 MB  3 s")
+    assert "1234 tok/s" in run_summary({**m, "tokens_per_s": 1234.4})
+
+
 def test_save_adapter_writes_set_valued_config_fields_sorted(tiny_model, tmp_path):
     """PEFT keeps target_modules as a set and writes list(set), whose order follows the
     process's string-hash seed: identical runs would give adapters with different bytes (and
