@@ -1,4 +1,8 @@
 """Stage `train_*`: train one LoRA or QLoRA adapter (dvc.yaml passes the run's identity)."""
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 import argparse
 from pathlib import Path
 
