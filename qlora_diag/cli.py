@@ -11,6 +11,24 @@ from qlora_diag.errors import UserError
 DEBUG_ENV = "QLORA_DIAG_DEBUG"
 
 
+INTERRUPTED = "interrupted: completed outputs and checkpoints are kept; run `dvc repro` to resume."
+
+
+def _exit_while_loading(signum, frame):
+    # Nothing is written while a stage script loads its imports, so it may stop at once.
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def exit_quietly_while_loading() -> None:
+    """Call first in a stage script, before its imports (torch, transformers: seconds): Ctrl-C or
+    SIGTERM while they load exits 130 with the one-line message instead of a KeyboardInterrupt
+    traceback and exit 1. :func:`run_stage` then installs the handlers that let writes clean up."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # e.g. a job started with `&`
+        signal.signal(signal.SIGINT, _exit_while_loading)
+    signal.signal(signal.SIGTERM, _exit_while_loading)
+
+
 def _terminate(signum, frame):
     # A preempted host or `dvc queue kill` sends SIGTERM, whose default action skips every
     # cleanup; raising here runs the same path as Ctrl-C, so temporary outputs are removed.
@@ -23,6 +41,8 @@ def run_stage(main: Callable[[], None]) -> None:
     Set ``QLORA_DIAG_DEBUG=1`` to get the full traceback instead. Ctrl-C and SIGTERM exit with
     130 after the interrupted writes have cleaned up.
     """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
@@ -32,6 +52,5 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: completed outputs and checkpoints are kept; run `dvc repro` to resume.",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.integrations import DVCLiveCallback
 
-from qlora_diag.atomic import atomic_dir, write_json
+from qlora_diag.atomic import atomic_dir, write_json, write_text
 from qlora_diag.batching import FixedOrderSampler, RecordDataset, collate, training_order
 from qlora_diag.config import LoraCfg, TrainCfg, run_name
 from qlora_diag.data import load_split
@@ -204,17 +204,67 @@ class EvalAndTimingCallback(TrainerCallback):
                   f"eval_loss {loss:.4f}  ({time.perf_counter() - self._t_start:.0f} s)", flush=True)
 
 
-def _trim_live_history(live_dir: Path, step: int) -> None:
-    """Drop curve rows logged after ``step`` (between the last checkpoint and the kill), so a
-    resumed run's curves hold each step once."""
-    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
-        lines = tsv.read_text().splitlines()
-        if not lines:
+def restore_live_dir(live_dir: Path, step: int) -> None:
+    """Make a run's dvclive directory consistent with the checkpoint at ``step`` before resuming.
+
+    A SIGKILL can land between the checkpoint and the kill (rows of later steps) or in the middle
+    of one of dvclive's plain, non-atomic writes: a curve's last row half-written, the summary
+    ``metrics.json`` or ``params.yaml`` truncated. Each curve keeps its header and its complete,
+    well-formed rows up to ``step`` (each step once); the summary is rebuilt from those rows;
+    an unreadable ``params.yaml`` is dropped (the resumed run logs its params again). Every
+    rewrite is atomic, so a second kill during the repair leaves a consistent directory too.
+    """
+    import yaml
+
+    metrics_root = live_dir / "plots" / "metrics"
+    summary: dict = {}
+    for tsv in sorted(metrics_root.glob("**/*.tsv")):
+        head, rows = _complete_rows(tsv.read_text(encoding="utf-8", errors="replace"), step)
+        if head is None:
+            tsv.unlink()
             continue
-        head, rows = lines[0], lines[1:]
-        col = head.split("\t").index("step")
-        rows = [r for r in rows if int(r.split("\t")[col]) <= step]
-        tsv.write_text("\n".join([head, *rows]) + "\n")
+        write_text(tsv, "".join(f"{line}\n" for line in [head, *rows]))
+        if rows:
+            node = summary
+            *parents, leaf = tsv.relative_to(metrics_root).with_suffix("").parts
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = float(rows[-1].split("\t")[head.split("\t").index(leaf)])
+    summary["step"] = step
+    write_json(live_dir / "metrics.json", summary)
+    params = live_dir / "params.yaml"
+    if params.exists():
+        try:
+            ok = isinstance(yaml.safe_load(params.read_text(encoding="utf-8")), dict)
+        except (yaml.YAMLError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            params.unlink()
+
+
+def _complete_rows(text: str, step: int) -> tuple[str | None, list[str]]:
+    """Header and the well-formed rows of a dvclive curve with ``step`` <= ``step``, each step
+    once (the first occurrence); a last line without its newline was cut by a kill and is
+    dropped. ``(None, [])`` when not even the header is complete."""
+    lines = text.split("\n")[:-1]  # whatever follows the last newline is a torn row
+    if not lines or "step" not in lines[0].split("\t"):
+        return None, []
+    head, cols = lines[0], lines[0].split("\t")
+    rows, seen = [], set()
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) != len(cols):
+            continue
+        try:
+            row_step = int(fields[cols.index("step")])
+            for value in fields:
+                float(value)  # a number cut short by the kill fails here
+        except ValueError:
+            continue
+        if row_step <= step and row_step not in seen:
+            seen.add(row_step)
+            rows.append(line)
+    return head, rows
 
 
 def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: Path,
@@ -260,7 +310,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     live_dir = ckpt_dir / "live"
     if resume is not None:
         step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
-        _trim_live_history(live_dir, step)
+        restore_live_dir(live_dir, step)
         print(f"{spec.name}: resuming from {resume.name} (step {step}/{train.max_steps})", flush=True)
     live = Live(str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False)
 
@@ -329,7 +379,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     live.make_summary()
 
     with atomic_dir(adapter_out) as tmp:
-        model.save_pretrained(tmp)
+        save_adapter(model, tmp)
     with atomic_dir(report_dir) as tmp:
         shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
         write_json(tmp / "run.json", metrics)
@@ -338,6 +388,29 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                 fh.write(json.dumps(row) + "\n")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """``save_pretrained``, with the config's set-valued fields (``target_modules``) as sorted
+    lists: PEFT writes ``list(set)``, whose order follows the per-process string-hash seed, so
+    identical runs would write different bytes and DVC would see a changed output and rerun
+    every stage downstream."""
+    model.save_pretrained(out_dir)
+    config = model.peft_config["default"]
+    path = Path(out_dir) / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    for key, value in vars(config).items():
+        if isinstance(value, (set, frozenset)) and key in saved:
+            saved[key] = sorted(value)
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+
+
+def run_summary(m: dict) -> str:
+    """The stage's closing line. Speed is n/a when no step was timed (a run resumed from its
+    last checkpoint, or one with no steps after the timing warm-up)."""
+    speed = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:.0f}"
+    return (f"{m['run']}: eval_loss {m['eval_loss']:.4f}  exact_match {m['exact_match']:.3f}  "
+            f"{speed} tok/s  peak {m['peak_mem_mb']:.0f} MB  {m['wall_s']:.0f} s")
 
 
 def _step_of(ckpt: Path | None) -> int:

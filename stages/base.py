@@ -1,4 +1,8 @@
 """Stage `base`: resolve base.model and save it once as a plain HF directory (models/base)."""
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from pathlib import Path
 
 from qlora_diag.atomic import write_json

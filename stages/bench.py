@@ -3,6 +3,10 @@
 Runs on the pipeline's own outputs (models/base, models/quantized, data/prepared); see
 qlora_diag/bench.py for what is measured and how.
 """
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from pathlib import Path
 
 from qlora_diag.bench import format_table, run_bench

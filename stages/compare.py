@@ -1,6 +1,10 @@
 """Stage `compare`: LoRA vs QLoRA at the weight and function level, the base models' own numbers
 and the transfer check -> reports/metrics.json, reports/{ranks,modules,layers}.csv and
 reports/compare/ (pairs, per-task, base, transfer, setup), read by the plot stage."""
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from pathlib import Path
 
 from qlora_diag.cli import run_stage

@@ -3,6 +3,10 @@
 Writes reports/figures/*.png, reports/verdicts.json and reports/report.md, and prints the
 verdict lines.
 """
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from pathlib import Path
 
 from qlora_diag.atomic import atomic_dir, write_json, write_text

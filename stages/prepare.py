@@ -1,4 +1,8 @@
 """Stage `prepare`: load data.source, split, format Alpaca prompts, tokenize (data/prepared)."""
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from pathlib import Path
 
 from qlora_diag.atomic import write_json

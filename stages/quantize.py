@@ -3,6 +3,10 @@
 Writes reports/quantization.csv (error of every linear weight under nf4/fp4 x double quant) and
 reports/quantization.json (DVC metrics: errors, bits per parameter vs the QLoRA paper, storage).
 """
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 from qlora_diag.atomic import atomic_file, write_json
 from qlora_diag.cli import run_stage
 from qlora_diag.config import load_params

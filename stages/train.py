@@ -1,11 +1,16 @@
 """Stage `train_*`: train one LoRA or QLoRA adapter (dvc.yaml passes the run's identity)."""
+from qlora_diag.cli import exit_quietly_while_loading
+
+exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
+
 import argparse
 from pathlib import Path
 
 from qlora_diag.check_params import check_against_model
 from qlora_diag.cli import run_stage
 from qlora_diag.config import load_params
-from qlora_diag.training import GenerationCfg, RunSpec, configure_threads, train_adapter
+from qlora_diag.training import (GenerationCfg, RunSpec, configure_threads, run_summary,
+                                 train_adapter)
 
 
 def parse_run() -> RunSpec:
@@ -34,8 +39,7 @@ def main() -> None:
         adapter_out=Path("models/adapters") / spec.name,
         report_dir=Path("reports/train") / spec.name,
         checkpoint_root=Path("models/checkpoints"))
-    print(f"{spec.name}: eval_loss {m['eval_loss']:.4f}  exact_match {m['exact_match']:.3f}  "
-          f"{m['tokens_per_s']:.0f} tok/s  peak {m['peak_mem_mb']:.0f} MB  {m['wall_s']:.0f} s")
+    print(run_summary(m))
 
 
 if __name__ == "__main__":

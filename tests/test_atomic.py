@@ -144,6 +144,28 @@ def test_interrupted_stage_keeps_the_old_output_and_cleans_up(tmp_path, sig, cod
     assert siblings(out) == ["result"]
 
 
+@pytest.mark.parametrize("stage", ["base", "prepare", "quantize", "train", "compare", "plot", "bench"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_while_a_stage_loads_exits_130_without_traceback(tmp_path, stage, sig):
+    """Ctrl-C or SIGTERM while a stage script still imports torch and transformers (its first
+    seconds) is the same clean exit 130 as later, not a KeyboardInterrupt traceback and exit 1
+    (found by interruptions::test_stage_stopped_midway_reruns_to_the_uninterrupted_result)."""
+    script = Path(__file__).resolve().parents[1] / "stages" / f"{stage}.py"
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(script)], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    # -X importtime logs each import as it completes: signal at the first import completed
+    # after qlora_diag.cli's (the script's first statement), with torch still to come.
+    log = []
+    while not any("qlora_diag.cli" in line for line in log[:-1]):
+        log.append(proc.stderr.readline())
+        assert log[-1], "".join(log)[-2000:]
+    proc.send_signal(sig)
+    err = "".join(log) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err[-2000:]
+    assert "interrupted: completed outputs and checkpoints are kept" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+
+
 def test_killed_writer_leftovers_are_swept_by_the_next_writer(tmp_path):
     """SIGKILL skips every cleanup: the temporary directory stays, the old output is intact,
     and the next write of the same output removes the leftover."""

@@ -287,3 +287,101 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
     steps = [int(line.split("\t")[0]) for line in
              (tmp_path / "int/report/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps)) and steps[-1] == 8, "each step logged once after resume"
+
+
+def test_run_summary_reports_speed_as_na_without_timed_steps():
+    """A run resumed from its last checkpoint trains no step, so nothing is timed: the closing
+    line says n/a instead of crashing on None (run.json keeps None)."""
+    from qlora_diag.training import run_summary
+
+    m = {"run": "qlora-r4-qv-s5", "eval_loss": 2.5, "exact_match": 0.25, "tokens_per_s": None,
+         "peak_mem_mb": 812.4, "wall_s": 3.2}
+    assert run_summary(m) == ("qlora-r4-qv-s5: eval_loss 2.5000  exact_match 0.250  n/a tok/s  "
+                              "peak 812 MB  3 s")
+    assert "1234 tok/s" in run_summary({**m, "tokens_per_s": 1234.4})
+
+
+def test_save_adapter_writes_set_valued_config_fields_sorted(tiny_model, tmp_path):
+    """PEFT keeps target_modules as a set and writes list(set), whose order follows the
+    process's string-hash seed: identical runs would give adapters with different bytes (and
+    DVC hashes). Seven modules: an unsorted order survives by chance with p = 1/5040."""
+    from qlora_diag.training import save_adapter
+
+    model = attach_lora(tiny_model, rank=2, alpha=4, dropout=0.0, targets="attn_mlp", seed=0)
+    save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a/adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(model.peft_config["default"].target_modules)
+    assert len(saved["target_modules"]) == 7
+    assert (tmp_path / "a/adapter_model.safetensors").is_file()
+
+
+def _live_dir(root, steps_logged):
+    """A dvclive directory as a run killed after logging ``steps_logged`` leaves it."""
+    from dvclive import Live
+
+    live = Live(str(root), dvcyaml=False, save_dvc_exp=False)
+    live.log_params({"run": "x", "rank": 4})
+    for step in range(1, steps_logged + 1):
+        live.step = step
+        live.log_metric("train/loss", 3.0 - step / 10)
+        if step % 2 == 0:
+            live.log_metric("eval/loss", 3.5 - step / 10)
+        live.make_summary()
+    return root
+
+
+def _rows(tsv):
+    return [line.split("\t") for line in tsv.read_text().splitlines()[1:]]
+
+
+def _steps(tsv):
+    col = tsv.read_text().splitlines()[0].split("\t").index("step")
+    return [r[col] for r in _rows(tsv)]
+
+
+def test_restore_live_dir_keeps_rows_up_to_the_checkpoint(tmp_path):
+    from dvclive import Live
+
+    from qlora_diag.training import restore_live_dir
+
+    live_dir = _live_dir(tmp_path / "live", 5)
+    restore_live_dir(live_dir, 4)
+    assert _steps(live_dir / "plots/metrics/train/loss.tsv") == ["1", "2", "3", "4"]
+    assert _steps(live_dir / "plots/metrics/eval/loss.tsv") == ["2", "4"]
+    summary = json.loads((live_dir / "metrics.json").read_text())
+    assert summary == {"train": {"loss": pytest.approx(2.6)}, "eval": {"loss": pytest.approx(3.1)},
+                       "step": 4}
+    resumed = Live(str(live_dir), resume=True, dvcyaml=False, save_dvc_exp=False)
+    assert resumed.step == 5 and resumed.summary["train"]["loss"] == pytest.approx(2.6)
+
+
+def test_restore_live_dir_repairs_files_torn_by_a_kill(tmp_path):
+    """SIGKILL in the middle of dvclive's plain writes: a curve's last row cut short, the
+    summary and params files truncated. The resumed Live must start, with each step once."""
+    from dvclive import Live
+
+    from qlora_diag.training import restore_live_dir
+
+    live_dir = _live_dir(tmp_path / "live", 4)
+    train_tsv = live_dir / "plots/metrics/train/loss.tsv"
+    eval_tsv = live_dir / "plots/metrics/eval/loss.tsv"
+    train_tsv.write_text(train_tsv.read_text()[:-4])        # last row lost its end
+    eval_tsv.write_text(eval_tsv.read_text() + "6\t3.")      # a new row cut mid-number
+    (live_dir / "metrics.json").write_text('{\n    "train": {\n        "lo')
+    (live_dir / "params.yaml").write_text("run: x\nrank: [4\n")
+    from dvclive.serialize import YAMLFileCorruptedError
+
+    with pytest.raises((json.JSONDecodeError, YAMLFileCorruptedError)):  # a resume unrepaired
+        Live(str(live_dir), resume=True, dvcyaml=False, save_dvc_exp=False)
+
+    restore_live_dir(live_dir, 4)
+    assert _steps(train_tsv) == ["1", "2", "3"]
+    assert _steps(eval_tsv) == ["2", "4"]
+    assert json.loads((live_dir / "metrics.json").read_text())["step"] == 4
+    assert not (live_dir / "params.yaml").exists()
+    resumed = Live(str(live_dir), resume=True, dvcyaml=False, save_dvc_exp=False)
+    resumed.step = 4
+    resumed.log_metric("train/loss", 2.6)
+    resumed.make_summary()
+    assert _steps(train_tsv) == ["1", "2", "3", "4"]
+    assert all(len(r) == 2 for r in _rows(train_tsv))
