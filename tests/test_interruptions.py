@@ -7,12 +7,14 @@ fresh copy of the project, `dvc repro` is started in its own process group and k
 next stage not yet killed runs; the next `dvc repro` must resume that stage (training from its
 last complete checkpoint), finish it and is killed in the following stage, until a `dvc repro`
 completes. Every stage is thus killed once and completed by a rerun, at the cost of about one
-pipeline run instead of one per stage. A stage is recognised by the `DVC_STAGE` variable DVC
-sets in the environment of every stage command (`dvc/stage/run.py`), read from /proc.
+pipeline run instead of one per stage. A stage's process is recognised by the `DVC_STAGE`
+variable DVC sets in the environment of every stage command (`dvc/stage/run.py`) and by its
+working directory (the project), both read from /proc.
 
 How each stage is stopped (the kill plan):
-- training stages: SIGKILL of the whole process group (dvc and the stage) right after the
-  step-1 checkpoint is complete (`train.save_every = 1`), so the rerun resumes mid-run;
+- training stages: SIGKILL of the whole process group (dvc and the stage) as soon as a
+  complete checkpoint exists (`train.save_every = 1`: step 1, or 2 when the poll is late), so
+  the rerun resumes mid-run;
 - `KILL_AFTER_LAST_CHECKPOINT`: SIGKILL right after the checkpoint of the last step, so the
   rerun resumes with no step left to train (nothing is timed: speed is n/a);
 - `SIGTERM_STAGE`: SIGTERM to the stage process only (a preempted job, `kill <pid>`): it must
