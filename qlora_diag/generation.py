@@ -36,18 +36,12 @@ def _prefill(backbone, head, prompts: list[list[int]], device):
     hidden = tree_forward(backbone, tree, device, cache=packed).last_hidden_state[0]
     last = torch.tensor([path[-1] for path in tree.paths], device=device)
     token = head(hidden[last]).float().argmax(-1)
-    width = max(len(p) for p in prompts)
-    index = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, path in enumerate(tree.paths):
-        index[row, width - len(path):] = torch.tensor(path)
-        mask[row, width - len(path):] = 1
-    index = index.to(device)
+    index, mask = left_padded(tree.paths, 0, device)  # node of each cache slot (pads: masked)
     cache = DynamicCache(config=backbone.config)
     for layer_idx, layer in enumerate(packed.layers):  # (1, heads, nodes, dim) -> (rows, heads, width, dim)
         cache.update(layer.keys[0][:, index].transpose(0, 1), layer.values[0][:, index].transpose(0, 1),
                      layer_idx)
-    return token, cache, mask.to(device)
+    return token, cache, mask
 
 
 def _padded_prefill(backbone, head, prompts: list[list[int]], pad_id: int, device):
