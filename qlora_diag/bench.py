@@ -550,26 +550,11 @@ def memory_in_subprocess(setup: TrainSetup, method: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_one_at_a_time(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                           eos_id: int) -> list[list[int]]:
-    """The naive evaluation loop: ``model.generate`` per prompt (KV cache, no padding)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=pad_id, eos_token_id=eos_id)
-        new = gen[0, len(p):].tolist()
-        out.append(new[: new.index(eos_id)] if eos_id in new else new)
-    return out
-
-
 def generate_hf_batched(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
                         eos_id: int, batch_size: int) -> list[list[int]]:
-    """transformers' own batched greedy ``generate`` on left-padded prompts: the control that
-    tells a dtype effect (HF's batches differ from its own one-at-a-time runs too) from a bug."""
+    """transformers' own greedy ``generate`` on left-padded batches (a batch of one has no
+    padding); batched, it is the control that tells a dtype effect (HF's batches differ from its
+    own one-at-a-time runs too) from a bug."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -581,6 +566,13 @@ def generate_hf_batched(model, prompts: list[list[int]], *, max_new_tokens: int,
         for row in gen[:, ids.shape[1]:].tolist():
             out.append(row[: row.index(eos_id)] if eos_id in row else row)
     return out
+
+
+def generate_one_at_a_time(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                           eos_id: int) -> list[list[int]]:
+    """The naive evaluation loop: ``model.generate`` per prompt (KV cache, no padding)."""
+    return generate_hf_batched(model, prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                               eos_id=eos_id, batch_size=1)
 
 
 def bench_generation(setup: TrainSetup, gen: GenerationCfg, device: torch.device) -> dict:
