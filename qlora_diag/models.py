@@ -219,19 +219,16 @@ def load_quantized(model_dir: str | Path, compute_dtype: str):
     return model
 
 
-def keep_4bit_differentiable(model: torch.nn.Module) -> int:
-    """Keep every ``Linear4bit`` on bitsandbytes' dequantize-and-matmul path; returns how many.
+def keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Keep every ``Linear4bit`` on bitsandbytes' dequantize-and-matmul path.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights for a bf16
     inference kernel the first time the layer runs in eval mode, and keeps them repacked. That
     kernel has no backward, so a training step after an evaluation would silently lose every
-    gradient that flows through the base layers (measured: the adapters of all but the last layer
-    got none). It also rounds fp32 inputs to bf16, which would make evaluation disagree with
+    gradient that flows through the base layers (measured on a 2-layer model: no adapter weight
+    got a gradient at all). It also rounds fp32 inputs to bf16, which would make evaluation disagree with
     training. One path for both keeps QLoRA correct and its numbers comparable.
     """
-    n = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
