@@ -123,15 +123,22 @@ def latest_complete_checkpoint(folder: Path) -> Path | None:
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in found:
-        try:
-            ok = all((ckpt / f).is_file() for f in CHECKPOINT_FILES)
-            ok = ok and json.loads((ckpt / "trainer_state.json").read_text())["global_step"] > 0
-        except (json.JSONDecodeError, KeyError, OSError):
-            ok = False
-        if ok:
+        if checkpoint_step(ckpt) is not None:
             return ckpt
         shutil.rmtree(ckpt, ignore_errors=True)
     return None
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The step a checkpoint holds, or None unless it is complete: every file written and a
+    parseable trainer state past step 0. Reads only, so it may watch a running stage."""
+    try:
+        if not all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+            return None
+        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return None
+    return step if step > 0 else None
 
 
 def fingerprint(*parts) -> str:

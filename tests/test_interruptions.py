@@ -45,7 +45,7 @@ import pytest
 from qlora_diag.config import run_name
 from qlora_diag.scratch import dvc, make_scratch_project, scratch_env
 from qlora_diag.smoke import SMOKE_PARAMS
-from qlora_diag.training import CHECKPOINT_FILES
+from qlora_diag.training import checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -125,22 +125,27 @@ def wait_for_stage_exit(project: Path, timeout_s: float = 60.0) -> None:
         time.sleep(POLL_S)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: state, ppid, ... ([] if gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def runs_under_shell(pid: int) -> bool:
     """Whether the stage process ``pid`` is the child of the shell in DVC's ``$SHELL -c <cmd>``
     (dash, DVC's ``/bin/sh`` when SHELL is unset, does not exec the command) rather than of DVC."""
+    stat = proc_stat(pid)
     try:
-        ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-        parent = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        parent = Path(f"/proc/{stat[1]}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (OSError, IndexError):
         return False
     return "-c" in parent and any("stages/" in c for c in parent)
 
 
 def running_not_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return proc_stat(pid)[:1] not in ([], ["Z"])
 
 
 def run_of(cmdline: list[str]) -> str | None:
@@ -155,17 +160,8 @@ def newest_complete_checkpoint(project: Path, run: str) -> int:
     """Step of the newest checkpoint of ``run`` with every file written and a whole trainer
     state, as the stage requires to resume from it (0 if none); older ones are deleted by the
     Trainer as it goes (save_total_limit)."""
-    steps = [int(c.name.split("-")[1]) for c in (project / "models/checkpoints" / run).glob("checkpoint-*")
-             if all((c / f).is_file() for f in CHECKPOINT_FILES)]
-    for step in sorted(steps, reverse=True):
-        try:
-            state = json.loads((project / "models/checkpoints" / run / f"checkpoint-{step}" /
-                                "trainer_state.json").read_text())
-        except (OSError, ValueError):  # being written, or rotated away meanwhile
-            continue
-        if state.get("global_step") == step:
-            return step
-    return 0
+    return max((step for c in (project / "models/checkpoints" / run).glob("checkpoint-*")
+                if (step := checkpoint_step(c)) == int(c.name.split("-")[1])), default=0)
 
 
 def await_last_checkpoint(project: Path, run: str, pid: int) -> bool:
