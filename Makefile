@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 smoke: $(STAMP)
-	$(BIN)/python -m qlora_diag.smoke
+	$(BIN)/python -m qlora_diag.tools.smoke
 
 bench: $(STAMP)
 	$(BIN)/python stages/bench.py

@@ -4,19 +4,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from qlora_diag.cli import run_stage
-from qlora_diag.config import Params, load_params
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.models.targets import check_against_model
 
 BASE = Path("models/base")
-
-
-def check_against_model(params: Params, model_dir: Path) -> None:
-    """Targets and ranks of every run of the sweep against the model's architecture (reads the
-    config only), so a preset the model cannot express fails before hours of training."""
-    from qlora_diag.targets import check_architecture
-
-    check_architecture(model_dir, lora_targets=params.lora.targets, lora_r=params.lora.r,
-                       ranks=params.sweep.ranks, sweep_targets=params.sweep.targets)
 
 
 def main() -> None:

@@ -1,15 +1,15 @@
 """Stage `base`: resolve base.model and save it once as a plain HF directory (models/base)."""
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.atomic import write_json
-from qlora_diag.check_params import check_against_model
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.models import materialize_base
+from qlora_diag.core.atomic import write_json
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.models.loading import materialize_base
+from qlora_diag.models.targets import check_against_model
 
 OUT = "models/base"
 

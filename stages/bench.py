@@ -1,18 +1,18 @@
 """`make bench`: the performance benchmark of issue 6 -> reports/bench.json and a table on stdout.
 
 Runs on the pipeline's own outputs (models/base, models/quantized, data/prepared); see
-qlora_diag/bench.py for what is measured and how.
+qlora_diag/tools/bench.py for what is measured and how.
 """
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.bench import format_table, run_bench
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.training import configure_threads
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.core.machine import configure_threads
+from qlora_diag.tools.bench import format_table, run_bench
 
 OUT = Path("reports/bench.json")
 

@@ -1,16 +1,21 @@
 """Stage `compare`: LoRA vs QLoRA at the weight and function level, the base models' own numbers
 and the transfer check -> reports/metrics.json, reports/{ranks,modules,layers}.csv and
 reports/compare/ (pairs, per-task, base, transfer, setup), read by the plot stage."""
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.cli import run_stage
-from qlora_diag.comparison import ComparePaths, run_compare, summary_lines, write_outputs
-from qlora_diag.config import load_params
-from qlora_diag.training import configure_threads
+from qlora_diag.compare.comparison import (
+    ComparePaths,
+    run_compare,
+    summary_lines,
+    write_outputs,
+)
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.core.machine import configure_threads
 
 PATHS = ComparePaths(
     base_dir=Path("models/base"), quant_dir=Path("models/quantized"),

@@ -3,17 +3,17 @@
 Writes reports/figures/*.png, reports/verdicts.json and reports/report.md, and prints the
 verdict lines.
 """
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.atomic import atomic_dir, write_json, write_text
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.plotting import load_loss_curves, make_figures
-from qlora_diag.report import diagnose_inputs, read_inputs, render_report
+from qlora_diag.core.atomic import atomic_dir, write_json, write_text
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.report.figures import load_loss_curves, make_figures
+from qlora_diag.report.markdown import diagnose_inputs, read_inputs, render_report
 
 REPORTS = Path("reports")
 

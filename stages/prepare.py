@@ -1,16 +1,16 @@
 """Stage `prepare`: load data.source, split, format Alpaca prompts, tokenize (data/prepared)."""
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.atomic import write_json
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.data import prepare_dataset
-from qlora_diag.errors import UserError
-from qlora_diag.models import load_tokenizer
+from qlora_diag.core.atomic import write_json
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.core.errors import UserError
+from qlora_diag.data.prepare import prepare_dataset
+from qlora_diag.models.loading import load_tokenizer
 
 BASE = "models/base"
 OUT = "data/prepared"

@@ -3,16 +3,22 @@
 Writes reports/quantization.csv (error of every linear weight under nf4/fp4 x double quant) and
 reports/quantization.json (DVC metrics: errors, bits per parameter vs the QLoRA paper, storage).
 """
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
-from qlora_diag.atomic import atomic_file, write_json
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.models import load_base
-from qlora_diag.quantization import (dir_size_mb, model_storage, quantize_and_save, summarize,
-                                     summary_table, weight_error_table)
+from qlora_diag.core.atomic import atomic_file, write_json
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.models.loading import load_base
+from qlora_diag.models.quantization import (
+    dir_size_mb,
+    model_storage,
+    quantize_and_save,
+    summarize,
+    summary_table,
+    weight_error_table,
+)
 
 BASE = "models/base"
 OUT = "models/quantized"

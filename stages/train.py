@@ -1,16 +1,16 @@
 """Stage `train_*`: train one LoRA or QLoRA adapter (dvc.yaml passes the run's identity)."""
-from qlora_diag.cli import exit_quietly_while_loading
+from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 import argparse
 from pathlib import Path
 
-from qlora_diag.check_params import check_against_model
-from qlora_diag.cli import run_stage
-from qlora_diag.config import load_params
-from qlora_diag.training import (GenerationCfg, RunSpec, configure_threads, run_summary,
-                                 train_adapter)
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.config import load_params
+from qlora_diag.core.machine import configure_threads
+from qlora_diag.models.targets import check_against_model
+from qlora_diag.train.trainer import GenerationCfg, RunSpec, run_summary, train_adapter
 
 
 def parse_run() -> RunSpec:

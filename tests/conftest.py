@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     """models/base for ``embedded:tiny-llama`` (2 layers, hidden 64, SmolLM2 tokenizer)."""
-    from qlora_diag.models import materialize_base
+    from qlora_diag.models.loading import materialize_base
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     materialize_base("embedded:tiny-llama", out, dtype="bfloat16")
@@ -27,13 +27,13 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base_dir):
-    from qlora_diag.models import load_tokenizer
+    from qlora_diag.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_base_dir)
 
 
 @pytest.fixture()
 def tiny_model(tiny_base_dir):
-    from qlora_diag.models import load_base
+    from qlora_diag.models.loading import load_base
 
     return load_base(tiny_base_dir, "bfloat16")

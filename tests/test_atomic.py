@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_diag.atomic import atomic_dir, atomic_file, write_json
-from qlora_diag.errors import UserError
+from qlora_diag.core.atomic import atomic_dir, atomic_file, write_json
+from qlora_diag.core.errors import UserError
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -81,7 +81,7 @@ def test_failing_save_pretrained_keeps_the_previous_base(tmp_path, tiny_base_dir
     complete model, which still loads."""
     import transformers
 
-    from qlora_diag.models import load_base, materialize_base
+    from qlora_diag.models.loading import load_base, materialize_base
 
     out = tmp_path / "models" / "base"
     shutil.copytree(tiny_base_dir, out)
@@ -103,8 +103,8 @@ def test_failing_save_pretrained_keeps_the_previous_base(tmp_path, tiny_base_dir
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from qlora_diag.atomic import atomic_dir
-    from qlora_diag.cli import run_stage
+    from qlora_diag.core.atomic import atomic_dir
+    from qlora_diag.core.cli import run_stage
 
     def main():
         with atomic_dir(sys.argv[1]) as tmp:
@@ -154,9 +154,9 @@ def test_interrupt_while_a_stage_loads_exits_130_without_traceback(tmp_path, sta
     proc = subprocess.Popen([sys.executable, "-X", "importtime", str(script)], cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True)
     # -X importtime logs each import as it completes: signal at the first import completed
-    # after qlora_diag.cli's (the script's first statement), with torch still to come.
+    # after qlora_diag.core.cli's (the script's first statement), with torch still to come.
     log = []
-    while not any("qlora_diag.cli" in line for line in log[:-1]):
+    while not any("qlora_diag.core.cli" in line for line in log[:-1]):
         log.append(proc.stderr.readline())
         assert log[-1], "".join(log)[-2000:]
     proc.send_signal(sig)

@@ -12,11 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_diag.bench import (GOALS, check_inputs, format_table, goal_status, matmul_params,
-                              median_rate, paired_ratio, paired_roofline, roofline_fraction,
-                              rotated, run_bench, train_flops_per_token)
-from qlora_diag.config import BenchCfg, load_params
-from qlora_diag.errors import UserError
+from qlora_diag.core.config import BenchCfg, load_params
+from qlora_diag.core.errors import UserError
+from qlora_diag.tools.bench import (
+    GOALS,
+    check_inputs,
+    format_table,
+    goal_status,
+    matmul_params,
+    median_rate,
+    paired_ratio,
+    paired_roofline,
+    roofline_fraction,
+    rotated,
+    run_bench,
+    train_flops_per_token,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,9 +110,9 @@ def test_missing_pipeline_outputs_is_a_user_error(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """What `dvc repro base prepare quantize` leaves, for the tiny model."""
-    from qlora_diag.data import prepare_dataset
-    from qlora_diag.models import load_tokenizer
-    from qlora_diag.quantization import quantize_and_save
+    from qlora_diag.data.prepare import prepare_dataset
+    from qlora_diag.models.loading import load_tokenizer
+    from qlora_diag.models.quantization import quantize_and_save
 
     root = tmp_path_factory.mktemp("bench")
     prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,

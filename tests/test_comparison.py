@@ -13,12 +13,19 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_diag import comparison as cmp
-from qlora_diag import runs
-from qlora_diag.config import (BaseCfg, LoraCfg, Params, QuantCfg, SweepCfg, load_params,
-                               run_name)
-from qlora_diag.errors import UserError
-from qlora_diag.training import RunSpec
+from qlora_diag.compare import comparison as cmp
+from qlora_diag.compare import runs
+from qlora_diag.core.config import (
+    BaseCfg,
+    LoraCfg,
+    Params,
+    QuantCfg,
+    SweepCfg,
+    load_params,
+    run_name,
+)
+from qlora_diag.core.errors import UserError
+from qlora_diag.train.trainer import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 N_EVAL = 6
@@ -151,8 +158,8 @@ def test_runs_and_producing_stages():
 
 def _write_adapter(base_dir: Path, out: Path, spec: RunSpec, alpha: float) -> None:
     """A PEFT adapter as training would save it, with random (seeded) A and B so ΔW != 0."""
-    from qlora_diag.models import load_base
-    from qlora_diag.training import attach_lora
+    from qlora_diag.models.loading import load_base
+    from qlora_diag.train.trainer import attach_lora
 
     model = attach_lora(load_base(base_dir, "float32"), rank=spec.rank, alpha=alpha, dropout=0.0,
                         targets=spec.targets, seed=spec.seed)
@@ -186,9 +193,9 @@ QLORA_OUT = [[5, 6, 7], [5, 6, 9], [5], [8, 8, 8]]
 @pytest.fixture(scope="module")
 def fake_pipeline(tmp_path_factory, tiny_base_dir):
     """models/, data/, reports/ as `dvc repro` would leave them before compare, for tiny_params."""
-    from qlora_diag.data import load_split, prepare_dataset
-    from qlora_diag.models import load_base, load_tokenizer
-    from qlora_diag.quantization import quantize_and_save, weight_error_table
+    from qlora_diag.data.prepare import load_split, prepare_dataset
+    from qlora_diag.models.loading import load_base, load_tokenizer
+    from qlora_diag.models.quantization import quantize_and_save, weight_error_table
 
     p = tiny_params()
     root = tmp_path_factory.mktemp("compare")
@@ -314,8 +321,8 @@ def test_transfer_and_base_numbers_are_finite_and_consistent(compared):
 
 
 def test_kl_of_a_model_with_itself_is_zero_and_hidden_cos_one(fake_pipeline, tiny_base_dir):
-    from qlora_diag.data import load_split
-    from qlora_diag.models import load_base, load_tokenizer
+    from qlora_diag.data.prepare import load_split
+    from qlora_diag.models.loading import load_base, load_tokenizer
 
     p, paths = fake_pipeline
     model = load_base(tiny_base_dir, "float32")
@@ -329,7 +336,7 @@ def test_kl_of_a_model_with_itself_is_zero_and_hidden_cos_one(fake_pipeline, tin
 
 
 def test_attached_adapter_is_removed_again(fake_pipeline, tiny_base_dir):
-    from qlora_diag.models import load_base
+    from qlora_diag.models.loading import load_base
 
     p, paths = fake_pipeline
     model = load_base(tiny_base_dir, "float32")

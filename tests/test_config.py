@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_diag.config import Params, load_params, params_from_dict
-from qlora_diag.errors import ParamsError, UserError
+from qlora_diag.core.config import Params, load_params, params_from_dict
+from qlora_diag.core.errors import ParamsError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -14,11 +14,14 @@ import pytest
 import torch
 import transformers
 
-from qlora_diag.errors import ParamsError, UserError
-from qlora_diag.models import EMBEDDED_MODELS, materialize_base
-from qlora_diag.targets import (architecture_problems, check_architecture,
-                                resolve_targets)
-from qlora_diag.training import attach_lora
+from qlora_diag.core.errors import ParamsError, UserError
+from qlora_diag.models.loading import EMBEDDED_MODELS, materialize_base
+from qlora_diag.models.targets import (
+    architecture_problems,
+    check_architecture,
+    resolve_targets,
+)
+from qlora_diag.train.trainer import attach_lora
 
 # PEFT notes that GPT-2's Conv1D stores weights transposed and adapts accordingly.
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from qlora_diag.bench import generate_one_at_a_time
-from qlora_diag.generation import generate_greedy
-from qlora_diag.prefix_sharing import build_prefix_tree
+from qlora_diag.tools.bench import generate_one_at_a_time
+from qlora_diag.train.generation import generate_greedy
+from qlora_diag.train.prefix_sharing import build_prefix_tree
 
 PREAMBLES = ([5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12, 13], [40])
 
@@ -21,7 +21,7 @@ def prompts_with_shared_preambles(n: int, seed: int) -> list[list[int]]:
 
 @pytest.fixture()
 def fp32_model(tiny_base_dir):
-    from qlora_diag.models import load_base
+    from qlora_diag.models.loading import load_base
 
     torch.manual_seed(0)
     return load_base(tiny_base_dir, "float32")
@@ -45,8 +45,8 @@ def test_prefix_tree_shares_common_prefixes():
 def test_eager_attention_and_padded_fallback_agree(tiny_base_dir):
     """The tree mask also works with eager attention; an implementation without it (simulated
     here) takes the left-padded prefill, with the same outputs."""
-    from qlora_diag import prefix_sharing
-    from qlora_diag.models import load_base
+    from qlora_diag.models.loading import load_base
+    from qlora_diag.train import prefix_sharing
 
     prompts = prompts_with_shared_preambles(7, seed=5)
     outs = []

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_diag.config import run_name
-from qlora_diag.scratch import dvc, make_scratch_project, scratch_env
-from qlora_diag.smoke import SMOKE_PARAMS
-from qlora_diag.training import checkpoint_step
+from qlora_diag.core.config import run_name
+from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
+from qlora_diag.tools.smoke import SMOKE_PARAMS
+from qlora_diag.train.trainer import checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -271,8 +271,8 @@ def read_table(path: Path) -> list[dict]:
 
 
 def assert_same_adapter(got: Path, want: Path) -> None:
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     assert (got / "adapter_config.json").read_bytes() == (want / "adapter_config.json").read_bytes()
     g, w = load_file(got / "adapter_model.safetensors"), load_file(want / "adapter_model.safetensors")

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_diag.config import Params, params_from_dict
-from qlora_diag.errors import ParamsError
+from qlora_diag.core.config import Params, params_from_dict
+from qlora_diag.core.errors import ParamsError
 
 REAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
 TOP = tuple(REAL)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qlora_diag.config import load_params, run_name
-from qlora_diag.scratch import dvc, make_scratch_project, scratch_env
-from qlora_diag.smoke import SMOKE_PARAMS
+from qlora_diag.core.config import load_params, run_name
+from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
+from qlora_diag.tools.smoke import SMOKE_PARAMS
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_repro_writes_every_output(project):
 def test_adapter_loads_on_the_base(project):
     from peft import PeftModel
 
-    from qlora_diag.models import load_base
+    from qlora_diag.models.loading import load_base
 
     p = load_params(project / "params.yaml")
     run = run_name("qlora", p.lora.r, p.lora.targets, p.seed)

@@ -3,7 +3,13 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from qlora_diag.probe import TASKS, check_answer, exact_match, generate_probe, normalize_answer
+from qlora_diag.data.probe import (
+    TASKS,
+    check_answer,
+    exact_match,
+    generate_probe,
+    normalize_answer,
+)
 
 
 def test_same_seed_same_examples_different_seed_different():

@@ -7,8 +7,8 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from qlora_diag import quantization as q
-from qlora_diag.targets import linear_module_names
+from qlora_diag.models import quantization as q
+from qlora_diag.models.targets import linear_module_names
 
 
 def _code(quant_type: str) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_bits_per_param_counts_partial_blocks():
 
 
 def test_save_load_round_trip(tiny_base_dir, tmp_path):
-    from qlora_diag.models import load_base, load_quantized
+    from qlora_diag.models.loading import load_base, load_quantized
 
     out = tmp_path / "quantized"
     info = q.quantize_and_save(tiny_base_dir, out, quant_type="nf4", double_quant=True,

@@ -20,8 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from qlora_diag import plotting, report
-from qlora_diag.config import params_from_dict, run_name
+from qlora_diag.core.config import params_from_dict, run_name
+from qlora_diag.report import figures as plotting
+from qlora_diag.report import markdown as report
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = [2, 4, 8, 16]
@@ -320,7 +321,7 @@ def test_report_says_when_r_star_is_not_found_and_step_times_are_missing(inputs_
 
 
 def test_missing_metric_key_is_a_clear_error(inputs_dir):
-    from qlora_diag.errors import UserError
+    from qlora_diag.core.errors import UserError
 
     metrics = dict(METRICS)
     del metrics["kl_mean"]
@@ -331,7 +332,7 @@ def test_missing_metric_key_is_a_clear_error(inputs_dir):
 
 
 def test_missing_run_is_a_clear_error(inputs_dir):
-    from qlora_diag.errors import UserError
+    from qlora_diag.core.errors import UserError
 
     raw = fixture_params(lambda r: r["sweep"].update(seeds=[1, 2]))
     params = params_from_dict(raw)

@@ -1,4 +1,4 @@
-"""Known-answer tests for qlora_diag.similarity: each answer follows from the construction."""
+"""Known-answer tests for qlora_diag.compare.similarity: each answer follows from the construction."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from qlora_diag import similarity as sim
+from qlora_diag.compare import similarity as sim
 
 OUT, IN, R = 48, 40, 4
 

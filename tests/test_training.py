@@ -11,13 +11,19 @@ import textwrap
 import pytest
 import torch
 
-from qlora_diag.batching import IGNORE, collate, training_order
-from qlora_diag.config import LoraCfg, TrainCfg
-from qlora_diag.errors import UserError
-from qlora_diag.losses import evaluate_loss, response_loss_sum
-from qlora_diag.memory import choose_backend
-from qlora_diag.training import (GenerationCfg, RunSpec, attach_lora, choose_optimizer,
-                                 latest_complete_checkpoint, train_adapter)
+from qlora_diag.core.config import LoraCfg, TrainCfg
+from qlora_diag.core.errors import UserError
+from qlora_diag.data.batching import IGNORE, collate, training_order
+from qlora_diag.train.losses import evaluate_loss, response_loss_sum
+from qlora_diag.train.memory import choose_backend
+from qlora_diag.train.trainer import (
+    GenerationCfg,
+    RunSpec,
+    attach_lora,
+    choose_optimizer,
+    latest_complete_checkpoint,
+    train_adapter,
+)
 
 LORA = LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv")
 
@@ -36,9 +42,9 @@ GEN = GenerationCfg(n_generate=4, max_new_tokens=4, batch_size=4)
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """A prepared tiny data set and a quantized tiny model, as the stages would leave them."""
-    from qlora_diag.data import prepare_dataset
-    from qlora_diag.models import load_tokenizer
-    from qlora_diag.quantization import quantize_and_save
+    from qlora_diag.data.prepare import prepare_dataset
+    from qlora_diag.models.loading import load_tokenizer
+    from qlora_diag.models.quantization import quantize_and_save
 
     root = tmp_path_factory.mktemp("pipe")
     tok = load_tokenizer(tiny_base_dir)
@@ -104,8 +110,8 @@ def test_response_loss_equals_hf_loss(tiny_model, share_prefix):
 def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
     """Without dropout, sharing prefixes changes neither the loss nor the adapter's gradient
     (the shared activations collect the gradient of every row that uses them)."""
-    from qlora_diag.models import load_base, load_quantized
-    from qlora_diag.quantization import quantize_and_save
+    from qlora_diag.models.loading import load_base, load_quantized
+    from qlora_diag.models.quantization import quantize_and_save
 
     if method == "qlora":
         quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
@@ -144,8 +150,8 @@ def test_qlora_gradient_is_unchanged_by_an_evaluation_in_between(tiny_base_dir, 
     it runs in eval mode on a CPU with AVX512-BF16, and that kernel has no backward: training
     after an evaluation would then get wrong gradients through the base layers. Our loader keeps
     every Linear4bit on the differentiable path, so an evaluation must not change the gradient."""
-    from qlora_diag.models import load_quantized
-    from qlora_diag.quantization import quantize_and_save
+    from qlora_diag.models.loading import load_quantized
+    from qlora_diag.models.quantization import quantize_and_save
 
     quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
                       compute_dtype="bfloat16")
@@ -190,7 +196,7 @@ def test_memory_backend_choice():
 
 
 def test_lora_and_qlora_start_from_identical_adapters(tiny_pipeline, tiny_base_dir):
-    from qlora_diag.models import load_base, load_quantized
+    from qlora_diag.models.loading import load_base, load_quantized
 
     lora = attach_lora(load_base(tiny_base_dir, "bfloat16"), rank=4, alpha=8, dropout=0.0,
                        targets="qv", seed=7)
@@ -227,8 +233,9 @@ def test_latest_complete_checkpoint_skips_and_removes_partial(tmp_path):
 @pytest.mark.slow
 def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_base_dir, tmp_path):
     from peft import PeftModel
-    from qlora_diag.data import load_split
-    from qlora_diag.models import load_base, load_tokenizer
+
+    from qlora_diag.data.prepare import load_split
+    from qlora_diag.models.loading import load_base, load_tokenizer
 
     spec = RunSpec("lora", 4, "qv", 3)
     m1 = run(tiny_base_dir, tiny_pipeline, tmp_path / "a", spec)
@@ -261,8 +268,8 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
         import os, signal
         from pathlib import Path
         import transformers
-        from qlora_diag.config import LoraCfg, TrainCfg
-        from qlora_diag.training import GenerationCfg, RunSpec, train_adapter
+        from qlora_diag.core.config import LoraCfg, TrainCfg
+        from qlora_diag.train.trainer import GenerationCfg, RunSpec, train_adapter
         orig = transformers.Trainer._save_checkpoint
         def save_then_die(self, *a, **k):
             orig(self, *a, **k)
@@ -292,7 +299,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
 def test_run_summary_reports_speed_as_na_without_timed_steps():
     """A run resumed from its last checkpoint trains no step, so nothing is timed: the closing
     line says n/a instead of crashing on None (run.json keeps None)."""
-    from qlora_diag.training import run_summary
+    from qlora_diag.train.trainer import run_summary
 
     m = {"run": "qlora-r4-qv-s5", "eval_loss": 2.5, "exact_match": 0.25, "tokens_per_s": None,
          "peak_mem_mb": 812.4, "wall_s": 3.2}
@@ -305,7 +312,7 @@ def test_save_adapter_writes_set_valued_config_fields_sorted(tiny_model, tmp_pat
     """PEFT keeps target_modules as a set and writes list(set), whose order follows the
     process's string-hash seed: identical runs would give adapters with different bytes (and
     DVC hashes). Seven modules: an unsorted order survives by chance with p = 1/5040."""
-    from qlora_diag.training import save_adapter
+    from qlora_diag.train.trainer import save_adapter
 
     model = attach_lora(tiny_model, rank=2, alpha=4, dropout=0.0, targets="attn_mlp", seed=0)
     save_adapter(model, tmp_path / "a")
@@ -342,7 +349,7 @@ def _steps(tsv):
 def test_restore_live_dir_keeps_rows_up_to_the_checkpoint(tmp_path):
     from dvclive import Live
 
-    from qlora_diag.training import restore_live_dir
+    from qlora_diag.train.trainer import restore_live_dir
 
     live_dir = _live_dir(tmp_path / "live", 5)
     restore_live_dir(live_dir, 4)
@@ -360,7 +367,7 @@ def test_restore_live_dir_repairs_files_torn_by_a_kill(tmp_path):
     summary and params files truncated. The resumed Live must start, with each step once."""
     from dvclive import Live
 
-    from qlora_diag.training import restore_live_dir
+    from qlora_diag.train.trainer import restore_live_dir
 
     live_dir = _live_dir(tmp_path / "live", 4)
     train_tsv = live_dir / "plots/metrics/train/loss.tsv"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_diag import verdicts as vd
+from qlora_diag.report import verdicts as vd
 
 THETA = 0.95
 SPREAD = 0.05

@@ -1,4 +1,4 @@
-"""qlora_diag.weight_comparison on real PEFT adapters of a tiny in-process Llama."""
+"""qlora_diag.compare.adapters on real PEFT adapters of a tiny in-process Llama."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_diag import similarity as sim
-from qlora_diag.errors import UserError
-from qlora_diag.weight_comparison import (ALIGNMENT_COLUMNS, COMPARE_COLUMNS, Factor,
-                                          compare_adapters, load_adapter_factors,
-                                          quantization_alignment, summarize)
+from qlora_diag.compare import similarity as sim
+from qlora_diag.compare.adapters import (
+    ALIGNMENT_COLUMNS,
+    COMPARE_COLUMNS,
+    Factor,
+    compare_adapters,
+    load_adapter_factors,
+    quantization_alignment,
+    summarize,
+)
+from qlora_diag.core.errors import UserError
 
 N_LAYERS = 3
 

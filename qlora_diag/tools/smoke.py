@@ -8,9 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora_diag.scratch import dvc, make_scratch_project
+from qlora_diag.tools.scratch import dvc, make_scratch_project
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Small enough for minutes on a laptop CPU, large enough that every stage has real work: two
 # ranks, one extra seed and one extra preset give every table of the report at least a row.

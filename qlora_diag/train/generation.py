@@ -5,7 +5,7 @@ Eval prompts share long prefixes (an instruction template's preamble, a chat tem
 turn), so a batch of prompts is decoded in two steps:
 
 1. **prefill**: the batch's prompts run packed as a prefix tree, so the tokens they share are
-   computed once (:mod:`qlora_diag.prefix_sharing`); the LM head runs on each prompt's last
+   computed once (:mod:`qlora_diag.train.prefix_sharing`); the LM head runs on each prompt's last
    token only, and the packed KV cache is gathered into one left-padded row per prompt;
 2. **decoding**: one token per step from ``argmax``, at the position it has after the unpadded
    prompt; a row that has produced eos leaves the batch (its cache rows are dropped), so late
@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from qlora_diag.losses import decoder_parts
-from qlora_diag.prefix_sharing import build_prefix_tree, supports_tree_mask, tree_forward
-from qlora_diag.probe import exact_match
+from qlora_diag.data.probe import exact_match
+from qlora_diag.train.losses import decoder_parts
+from qlora_diag.train.prefix_sharing import (
+    build_prefix_tree,
+    supports_tree_mask,
+    tree_forward,
+)
 
 
 def _prefill(backbone, head, prompts: list[list[int]], device):

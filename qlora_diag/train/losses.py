@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora_diag.batching import IGNORE, collate
-from qlora_diag.prefix_sharing import build_prefix_tree, supports_tree_mask, tree_forward
+from qlora_diag.data.batching import IGNORE, collate
+from qlora_diag.train.prefix_sharing import (
+    build_prefix_tree,
+    supports_tree_mask,
+    tree_forward,
+)
 
 
 def _unwrap(model):
@@ -34,10 +38,10 @@ def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
 def response_hidden(model, input_ids, attention_mask, labels, *,
                     share_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(final hidden states of the positions that predict a labelled token, those labels), in
-    row-major order, from a right-padded batch (:func:`~qlora_diag.batching.collate`).
+    row-major order, from a right-padded batch (:func:`~qlora_diag.data.batching.collate`).
 
     With ``share_prefix`` the batch runs packed as a prefix tree, so tokens the rows share are
-    computed once (:mod:`qlora_diag.prefix_sharing`); otherwise, or when the attention
+    computed once (:mod:`qlora_diag.train.prefix_sharing`); otherwise, or when the attention
     implementation cannot take a tree mask, as a padded batch.
     """
     backbone, _ = decoder_parts(model)

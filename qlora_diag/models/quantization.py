@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from qlora_diag.atomic import atomic_dir
-from qlora_diag.models import check_model_dir, resolve_dtype, torch_dtype
-from qlora_diag.targets import linear_module_names, parse_module_name
+from qlora_diag.core.atomic import atomic_dir
+from qlora_diag.core.machine import resolve_dtype, torch_dtype
+from qlora_diag.models.loading import check_model_dir
+from qlora_diag.models.targets import linear_module_names, parse_module_name
 
 # bitsandbytes' default block size, which transformers' BitsAndBytesConfig does not expose (no
 # bnb_4bit_blocksize knob), so the saved model always uses it. QLoRA paper Sec. 3 ("Double
@@ -59,7 +60,7 @@ def quantize_and_save(base_dir: str | Path, out_dir: str | Path, quant_type: str
     Every nn.Linear except the LM head becomes a ``bnb.nn.Linear4bit`` (block size
     :data:`BLOCKSIZE`); embeddings, LM head and norms stay in ``compute_dtype`` (transformers
     keeps the output embedding and tied weights out of quantization). The directory loads back
-    with :func:`qlora_diag.models.load_quantized` (plain ``from_pretrained``: the
+    with :func:`qlora_diag.models.loading.load_quantized` (plain ``from_pretrained``: the
     quantization config travels in ``config.json``). Returns facts for the report, also written
     to ``out_dir/quant_info.json``.
     """
@@ -259,7 +260,7 @@ def weight_error_table(model: torch.nn.Module, blocksize: int = BLOCKSIZE) -> pd
         module = model.get_submodule(name)
         if type(module).__name__ == "Linear4bit":
             raise ValueError(f"weight_error_table: {name} is already 4-bit; pass the 16-bit "
-                             "base model (qlora_diag.models.load_base)")
+                             "base model (qlora_diag.models.loading.load_base)")
         w = _weight_out_in(module).detach().to("cpu", torch.float32).contiguous()
         w64 = _f64(w)
         norm_w = torch.linalg.vector_norm(w64).item()

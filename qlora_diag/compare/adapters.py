@@ -2,7 +2,7 @@
 updates ΔW are, and how the QLoRA update relates to the quantization error it trained against.
 
 Two adapters at a time; which pairs to compare (LoRA vs QLoRA, seed vs seed for the noise floor)
-is the caller's choice. The math lives in :mod:`qlora_diag.similarity`.
+is the caller's choice. The math lives in :mod:`qlora_diag.compare.similarity`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from qlora_diag import similarity as sim
-from qlora_diag.errors import UserError
-from qlora_diag.targets import parse_module_name
+from qlora_diag.compare import similarity as sim
+from qlora_diag.core.errors import UserError
+from qlora_diag.models.targets import parse_module_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

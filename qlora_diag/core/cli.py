@@ -6,7 +6,7 @@ import signal
 import sys
 from typing import Callable
 
-from qlora_diag.errors import UserError
+from qlora_diag.core.errors import UserError
 
 DEBUG_ENV = "QLORA_DIAG_DEBUG"
 

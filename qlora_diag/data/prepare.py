@@ -1,8 +1,8 @@
 """Data: load ``data.source``, split it, format Alpaca prompts, tokenize with a response-only mask.
 
-Sources: ``embedded:probe`` (:mod:`qlora_diag.probe`), a local Alpaca ``.json`` (a list of
+Sources: ``embedded:probe`` (:mod:`qlora_diag.data.probe`), a local Alpaca ``.json`` (a list of
 objects) or ``.jsonl`` (one object per line) file, or a Hugging Face data set id. Bad input
-becomes one :class:`~qlora_diag.errors.UserError` paragraph naming the file, line and key.
+becomes one :class:`~qlora_diag.core.errors.UserError` paragraph naming the file, line and key.
 
 A prepared split is a JSON-lines file; each line holds ``id, task, instruction, input, output,
 prompt, input_ids, n_prompt, truncated``. The loss is taken on positions ``>= n_prompt`` only
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_diag.atomic import atomic_dir
-from qlora_diag.errors import UserError
-from qlora_diag.probe import generate_probe
+from qlora_diag.core.atomic import atomic_dir
+from qlora_diag.core.errors import UserError
+from qlora_diag.data.probe import generate_probe
 
 PROBE = "embedded:probe"
 SOURCE_KINDS = ("embedded:probe, a local Alpaca-format .json (a list of objects) or .jsonl "

@@ -1,8 +1,8 @@
 """The ``compare`` stage: does QLoRA learn what 16-bit LoRA learns, and does it behave the same?
 
-Four views of the trained runs (:mod:`qlora_diag.runs` lists them for a params set):
+Four views of the trained runs (:mod:`qlora_diag.compare.runs` lists them for a params set):
 
-1. **Weights** (:mod:`qlora_diag.weight_comparison`): ΔW of QLoRA vs LoRA at every rank and
+1. **Weights** (:mod:`qlora_diag.compare.adapters`): ΔW of QLoRA vs LoRA at every rank and
    preset, the seed-to-seed noise floor, and per layer whether the QLoRA update points along the
    quantization error W − deq(Q(W)) it trained against.
 2. **Function**: from the generations training saved (token match, exact-output agreement,
@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -39,21 +37,47 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qlora_diag.atomic import atomic_dir, atomic_file, write_json
-from qlora_diag.batching import collate
-from qlora_diag.config import Params
-from qlora_diag.data import load_split
-from qlora_diag.errors import UserError
-from qlora_diag.generation import exact_match_summary, generate_greedy, generation_records
-from qlora_diag.losses import evaluate_loss, response_hidden
-from qlora_diag.models import load_tokenizer, resolve_dtype
-from qlora_diag.quantization import quantization_residuals
-from qlora_diag.runs import (CROSS_SEED, NOISE_LORA, NOISE_QLORA, SAME_SEED, AdapterPair, Pair,
-                             RunFiles, adapter_pairs, headline_pair, noise_seeds, preset_pairs,
-                             rank_pairs, run_files)
-from qlora_diag.training import GenerationCfg, choose_device, load_method_base
-from qlora_diag.weight_comparison import (compare_adapters, load_adapter_factors,
-                                          quantization_alignment, summarize)
+from qlora_diag.compare.adapters import (
+    compare_adapters,
+    load_adapter_factors,
+    quantization_alignment,
+    summarize,
+)
+from qlora_diag.compare.runs import (
+    CROSS_SEED,
+    NOISE_LORA,
+    NOISE_QLORA,
+    SAME_SEED,
+    AdapterPair,
+    Pair,
+    RunFiles,
+    adapter_pairs,
+    headline_pair,
+    noise_seeds,
+    preset_pairs,
+    rank_pairs,
+    run_files,
+)
+from qlora_diag.core.atomic import atomic_dir, atomic_file, write_json
+from qlora_diag.core.config import Params
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.machine import (
+    choose_device,
+    cpu_model,
+    library_versions,
+    resolve_dtype,
+)
+from qlora_diag.data.batching import collate
+from qlora_diag.data.prepare import load_split
+from qlora_diag.models.loading import load_tokenizer
+from qlora_diag.models.quantization import quantization_residuals
+from qlora_diag.train.generation import (
+    exact_match_summary,
+    generate_greedy,
+    generation_records,
+)
+from qlora_diag.train.losses import evaluate_loss, response_hidden
+from qlora_diag.train.trainer import GenerationCfg, load_method_base
 
 # Columns of the output tables (the plot and report stages read them by name).
 PAIR_COLUMNS = ["eval_loss_lora", "eval_loss_qlora", "eval_loss_gap", "exact_match_lora",
@@ -126,7 +150,7 @@ def token_match_rate(outputs_a: list[list[int]], outputs_b: list[list[int]]) -> 
     over all positions, pooled over examples, each example counting up to the longer of its two
     outputs (:func:`token_match_counts`). A token-weighted rate: a long answer counts more than
     a short one. 1.0 for identical outputs (also when all are empty), 0.0 when no position
-    agrees. Outputs are eos-free, as :func:`~qlora_diag.generation.generate_greedy` returns them,
+    agrees. Outputs are eos-free, as :func:`~qlora_diag.train.generation.generate_greedy` returns them,
     so an output that stops earlier loses the positions the other one goes on for."""
     if len(outputs_a) != len(outputs_b):
         raise ValueError(f"token_match_rate: {len(outputs_a)} vs {len(outputs_b)} outputs")
@@ -208,7 +232,7 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
     """One pass of both models over ``records`` (prepared eval rows), on response positions.
 
     Returns ``loss_a``, ``loss_b`` (token-weighted mean cross-entropy, as
-    :func:`~qlora_diag.losses.evaluate_loss`), ``kl_mean`` (mean over positions of
+    :func:`~qlora_diag.train.losses.evaluate_loss`), ``kl_mean`` (mean over positions of
     KL(P_a ‖ P_b) of the next-token distributions, nats), ``hidden_cos_sim`` (mean over
     positions of the cosine between the two models' final hidden states, after the last norm)
     and ``n_tokens``. Only response positions are projected onto the vocabulary, so memory is
@@ -373,7 +397,7 @@ def headline_layers(base, quant, lora_dir: Path, qlora_dir: Path, compare: pd.Da
 
     Must run before any forward pass of ``quant``: on AVX512-BF16 CPUs bitsandbytes repacks
     4-bit weights in place on the first no-grad forward, after which they no longer dequantize
-    exactly (:func:`~qlora_diag.quantization.dequantized_weight` refuses them).
+    exactly (:func:`~qlora_diag.models.quantization.dequantized_weight` refuses them).
     """
     f_lora, f_qlora = load_adapter_factors(lora_dir), load_adapter_factors(qlora_dir)
     names = list(f_lora)
@@ -582,26 +606,6 @@ def headline_metrics(rank: int, lora: dict, qlora: dict, seed_runs: list[tuple[d
     return m
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
@@ -725,8 +729,8 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
                  "eval_tokens": base_out["eval_tokens"], "n_generate": len(gen_records)},
         "dtypes": {"base": resolve_dtype(p.base.dtype),
                    "quant_compute": resolve_dtype(p.quant.compute_dtype)},
-        "device": device.type, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "versions": _versions(),
+        "device": device.type, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "versions": library_versions(),
         "params": {k: v for k, v in dataclasses.asdict(p).items() if k != "bench"},
         "runs": sorted(runs), "forward_batch_size": batch_size,
         # Training's eval loss and this process's recomputation of it, largest difference.

@@ -5,7 +5,7 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem the user can fix (bad params, bad data, missing model).
 
-    The message is printed as-is by :func:`qlora_diag.cli.run_stage`; it must name the
+    The message is printed as-is by :func:`qlora_diag.core.cli.run_stage`; it must name the
     offending key, file or value and say what would be valid.
     """
 

@@ -5,7 +5,7 @@ LoRA, the bitsandbytes 4-bit model of the ``quantize`` stage for QLoRA. For one 
 same batches in the same order and start from identical adapter weights.
 
 Training runs on transformers' ``Trainer`` with PEFT; the loss is response-only and runs the LM
-head only on response positions (:mod:`qlora_diag.losses`). Checkpoints live in
+head only on response positions (:mod:`qlora_diag.train.losses`). Checkpoints live in
 ``models/checkpoints/<run>`` (outside DVC's outs, which DVC deletes before a stage runs), so an
 interrupted ``dvc repro`` resumes from the newest *complete* checkpoint; they are removed when
 the run completes.
@@ -23,19 +23,29 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_callback import PrinterCallback
 from transformers.integrations import DVCLiveCallback
+from transformers.trainer_callback import PrinterCallback
 
-from qlora_diag.atomic import atomic_dir, write_json, write_text
-from qlora_diag.batching import FixedOrderSampler, RecordDataset, collate, training_order
-from qlora_diag.config import LoraCfg, TrainCfg, run_name
-from qlora_diag.data import load_split
-from qlora_diag.errors import UserError
-from qlora_diag.generation import exact_match_summary, generate_greedy, generation_records
-from qlora_diag.losses import evaluate_loss, response_loss_sum
-from qlora_diag.memory import PeakMemory
-from qlora_diag.models import load_base, load_quantized, load_tokenizer, resolve_dtype
-from qlora_diag.targets import min_adapted_dim, resolve_targets
+from qlora_diag.core.atomic import atomic_dir, write_json, write_text
+from qlora_diag.core.config import LoraCfg, TrainCfg, run_name
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.machine import choose_device, resolve_dtype
+from qlora_diag.data.batching import (
+    FixedOrderSampler,
+    RecordDataset,
+    collate,
+    training_order,
+)
+from qlora_diag.data.prepare import load_split
+from qlora_diag.models.loading import load_base, load_quantized, load_tokenizer
+from qlora_diag.models.targets import min_adapted_dim, resolve_targets
+from qlora_diag.train.generation import (
+    exact_match_summary,
+    generate_greedy,
+    generation_records,
+)
+from qlora_diag.train.losses import evaluate_loss, response_loss_sum
+from qlora_diag.train.memory import PeakMemory
 
 METHODS = ("lora", "qlora")
 # The first steps pay for allocator growth and lazy initialization; timing starts after them.
@@ -64,17 +74,6 @@ class GenerationCfg:
     n_generate: int
     max_new_tokens: int
     batch_size: int
-
-
-def configure_threads(threads: int) -> int:
-    """Set torch's intra-op threads (0 = one per core) and return the number used."""
-    n = threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
-
-
-def choose_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def choose_optimizer(setting: str, method: str, device_type: str) -> str:

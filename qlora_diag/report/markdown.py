@@ -2,7 +2,7 @@
 
 :func:`read_inputs` reads every file the earlier stages wrote (and checks each has the keys or
 columns this module uses, naming the file and what is missing); :func:`diagnose_inputs` hands
-the numbers to :mod:`qlora_diag.verdicts`; :func:`render_report` and :func:`readme_summary` turn
+the numbers to :mod:`qlora_diag.report.verdicts`; :func:`render_report` and :func:`readme_summary` turn
 both into markdown. Every number in the text comes from those files; nothing is typed in here.
 
 Number formats are the same everywhere: losses and their gaps 4 decimals, similarities 3,
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_diag import verdicts as vd
-from qlora_diag.config import Params, run_name
-from qlora_diag.errors import UserError
-from qlora_diag.models import SMOLLM2, SMOLLM2_GGUF
+from qlora_diag.core.config import SMOLLM2, SMOLLM2_GGUF, Params, run_name
+from qlora_diag.core.errors import UserError
+from qlora_diag.report import verdicts as vd
 
 # The contract with the compare / quantize / prepare / train stages: what this module reads.
 METRIC_KEYS = (
@@ -79,7 +78,7 @@ PAPER_PPL_FP4 = 31.07
 PAPER_DQ_OVERHEAD_BITS = (0.5, 0.127)
 # The quoted memory model (RESEARCH.md): full fine-tuning ~ 12 bytes/param; the adapter term
 # 24·k·r·d bytes is 12 bytes per trainable adapter parameter (A and B hold 2·k·r·d of them).
-# The 16-bit term 2p is the same number as qlora_diag.quantization.QUOTED_BYTES_PER_PARAM_16BIT;
+# The 16-bit term 2p is the same number as qlora_diag.models.quantization.QUOTED_BYTES_PER_PARAM_16BIT;
 # it is not imported from there because that module loads bitsandbytes (~10 s per plot run).
 # The QLoRA term 0.52p and the paper's bits/param are read from reports/quantization.json.
 QUOTED_FULL_FT_BYTES_PER_PARAM = 12
@@ -247,7 +246,7 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
 
 
 def diagnose_inputs(inputs: ReportInputs, params: Params) -> vd.Diagnosis:
-    """:func:`qlora_diag.verdicts.diagnose` on the loaded inputs."""
+    """:func:`qlora_diag.report.verdicts.diagnose` on the loaded inputs."""
     return vd.diagnose(
         metrics=inputs.metrics, ranks=inputs.ranks, modules=inputs.modules,
         layers=inputs.layers, per_task=inputs.per_task,

@@ -2,7 +2,7 @@
 left on disk for them.
 
 ``dvc.yaml`` trains four families of runs (see its ``train_*``, ``seeds_*`` and ``modules_*``
-stages); this module is the one place that lists them for a :class:`~qlora_diag.config.Params`:
+stages); this module is the one place that lists them for a :class:`~qlora_diag.core.config.Params`:
 
 - rank sweep: LoRA and QLoRA at each rank of ``sweep.ranks``, targets ``lora.targets``, ``seed``;
 - noise floor: LoRA and QLoRA at rank ``lora.r``, targets ``lora.targets``, each ``sweep.seeds``;
@@ -10,7 +10,7 @@ stages); this module is the one place that lists them for a :class:`~qlora_diag.
   ``sweep.targets`` (``lora.targets`` itself comes from the rank sweep).
 
 The headline pair is (``lora.r``, ``lora.targets``, ``seed``). A missing or stale run is a
-:class:`~qlora_diag.errors.UserError` that names the path and the stage to reproduce.
+:class:`~qlora_diag.core.errors.UserError` that names the path and the stage to reproduce.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import itertools
 import json
 from pathlib import Path
 
-from qlora_diag.config import Params
-from qlora_diag.errors import UserError
-from qlora_diag.training import RunSpec
-from qlora_diag.weight_comparison import CONFIG_FILE, WEIGHTS_FILE
+from qlora_diag.compare.adapters import CONFIG_FILE, WEIGHTS_FILE
+from qlora_diag.core.config import Params
+from qlora_diag.core.errors import UserError
+from qlora_diag.train.trainer import RunSpec
 
 # run.json keys the comparison reads (training.train_adapter writes these and more).
 RUN_KEYS = ("run", "method", "rank", "targets", "seed", "trainable_params", "eval_loss",
