@@ -667,7 +667,7 @@ class Decision(_ToDict):
     seeds_needed: int | None
     seeds_needed_for: str | None
     seeds_needed_z: float | None
-    power: float
+    target_power: float
 
     @property
     def over(self) -> str:
@@ -697,9 +697,9 @@ def decide_many(gaps: np.ndarray, *, quantity: str, margin: float) -> np.ndarray
     q = _quantity(quantity)
     margin = _check_margin(margin, q.unit)
     g = np.asarray(gaps, dtype=np.float64)
-    if g.ndim != 2 or g.shape[1] < 2:
-        raise UserError(f"decide_many needs an array of shape (simulations, seeds >= 2), got "
-                        f"shape {g.shape}.")
+    if g.ndim != 2 or g.shape[1] < 2 or not np.isfinite(g).all():
+        raise UserError(f"decide_many needs a finite array of shape (simulations, seeds >= 2), "
+                        f"got shape {g.shape}.")
     n = g.shape[1]
     return _classify(g.mean(axis=1), g.std(axis=1, ddof=1) / math.sqrt(n), n - 1, margin,
                      q.higher_is_worse)[0]
@@ -827,9 +827,9 @@ def describe(d: Decision) -> str:
         need = f"more than {MAX_SEEDS_SEARCHED:,} paired seeds would be needed"
     else:
         goal = ("to show equivalence at this margin" if d.seeds_needed_for == "equivalence"
-                else f"to show this difference beyond the margin")
+                else "to show this difference beyond the margin")
         need = (f"about {d.seeds_needed} paired seeds would be needed {goal} "
-                f"({d.power * 100:.0f} % power if the true gap were {f(m)} and the seed SD "
+                f"({d.target_power * 100:.0f} % power if the true gap were {f(m)} and the seed SD "
                 f"{f(d.sd_seeds)} {q.unit})")
     return f"{head}; {body}: inconclusive; {need}."
 
