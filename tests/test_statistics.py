@@ -1,4 +1,4 @@
-"""Tests of qlora_diag.statistics: known answers computed by hand (in the comments), and Monte
+"""Tests of qlora_diag.report.statistics: known answers computed by hand (in the comments), and Monte
 Carlo calibration of the decision rules on synthetic seed gaps (no training).
 
 Monte Carlo tolerances: a rate p estimated from N independent simulations has standard error
@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from qlora_diag import statistics as st
-from qlora_diag.errors import UserError
+from qlora_diag.report import statistics as st
+from qlora_diag.core.errors import UserError
 
 N_SIM = 40_000
 
@@ -43,7 +43,7 @@ def one_seed(a, w, seed=0, family=None):
 
 def test_module_imports_nothing_heavy():
     # The verdict statistics must stay importable without torch (and scipy is not installed).
-    code = ("import sys, qlora_diag.statistics; "
+    code = ("import sys, qlora_diag.report.statistics; "
             "print(sorted(m for m in ('torch', 'scipy', 'pandas', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qlora_diag.errors import UserError
+from qlora_diag.core.errors import UserError
 
 # RESEARCH.md: "different when the 95 % interval excludes 0" -> two-sided alpha 0.05.
 DIFFERENCE_LEVEL = 0.95
