@@ -9,15 +9,25 @@ from pathlib import Path
 
 import torch
 
+from qlora_diag.core.errors import UserError
 
-def has_fast_bf16(device_type: str, cpu_flags: set[str], cuda_bf16: bool) -> bool:
+
+# Ampere (compute capability 8.0) is the first NVIDIA generation with bf16 tensor cores.
+# torch.cuda.is_bf16_supported() also answers True on T4 / V100 (7.x), where bf16 is emulated and
+# slower than fp32, so the capability decides.
+CUDA_NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def has_fast_bf16(device_type: str, cpu_flags: set[str],
+                  cuda_capability: tuple[int, int] | None) -> bool:
     """Whether bf16 matmuls run at least as fast as fp32 on this device.
 
     CPUs need AVX512-BF16 or AMX for native bf16; without them (e.g. an AVX2-only EPYC) PyTorch
     emulates bf16 and a 512x576x1536 matmul measured 19 GFLOP/s against 167 GFLOP/s in fp32.
+    GPUs need compute capability 8.0 (Ampere) or newer.
     """
     if device_type == "cuda":
-        return cuda_bf16
+        return cuda_capability is not None and tuple(cuda_capability) >= CUDA_NATIVE_BF16_CAPABILITY
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
 
 
@@ -38,7 +48,7 @@ def resolve_dtype(name: str) -> str:
         return name
     cuda = torch.cuda.is_available()
     fast = has_fast_bf16("cuda" if cuda else "cpu", cpu_flags(),
-                         cuda and torch.cuda.is_bf16_supported())
+                         torch.cuda.get_device_capability() if cuda else None)
     return "bfloat16" if fast else "float32"
 
 
@@ -49,7 +59,23 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def choose_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The one device a run uses: ``cuda:0`` when a GPU is visible, else the CPU.
+
+    With several visible GPUs the Trainer would wrap the 16-bit LoRA model in DataParallel and
+    multiply its batch by the GPU count, while the 4-bit QLoRA model is not wrapped: the two
+    methods would train on different batch sizes. A run therefore refuses to start until one GPU
+    is chosen; parallelism across GPUs is one stage per GPU (README "Share and distribute")."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if n > 1:
+        raise UserError(
+            f"{n} GPUs are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "a run trains on exactly one device so that LoRA and QLoRA see the same batch size "
+            "(the Trainer would split LoRA's batches over all GPUs with DataParallel, not QLoRA's). "
+            "Choose one GPU per process, e.g. `CUDA_VISIBLE_DEVICES=0 dvc repro`; to use several "
+            "GPUs, run several stages at once, each pinned to its own GPU.")
+    return torch.device("cuda:0")
 
 
 def configure_threads(threads: int) -> int:
