@@ -3,12 +3,18 @@
 One scratch project serves every test in this module (building it is the expensive part):
 - `dvc repro` runs every stage and writes every output of SPEC.md;
 - a second `dvc repro` is a no-op;
+- `dvc plots show` writes, without a warning, a page that renders offline in headless Chromium
+  with every declared curve, table and figure on it;
 - `dvc exp run -S lora.r=2` re-trains only what depends on lora.r, and `dvc metrics diff`
   shows the headline metrics change.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -78,6 +84,160 @@ def test_adapter_loads_on_the_base(project):
 def test_second_repro_is_a_noop(project):
     proc = dvc(project, "repro")
     assert "Running stage" not in proc.stdout, proc.stdout
+
+
+def test_metrics_are_the_headline_file_alone(project):
+    """`dvc exp show` and `dvc metrics diff` read reports/metrics.json only; data.json and
+    quantization.json (nested detail) are plain outputs."""
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    assert set(shown[""]["data"]) == {"reports/metrics.json"}, shown
+    assert (project / "reports/data.json").is_file()
+    assert (project / "reports/quantization.json").is_file()
+
+
+def chromium() -> str:
+    """The Chromium binary. CI must check the page (.ci/run installs the Debian package), so
+    there a missing browser fails the test; elsewhere it is skipped with the reason."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        reason = ("chromium not found: the dvc plots page is checked in headless Chromium "
+                  "(Debian: apt-get install chromium)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return exe
+
+
+def run_chromium(exe: str, page: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``page``; virtual time lets vega-embed's asynchronous rendering
+    finish before the DOM is dumped or the screenshot taken (without waiting in real time)."""
+    return subprocess.run([exe, "--headless=new", "--no-sandbox", "--disable-gpu",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000",
+                           *args, page.as_uri()], capture_output=True, text=True, timeout=180)
+
+
+def plot_sections(dom: str) -> dict[str, str]:
+    """``{div id: its HTML}`` of the page's top-level plot divs (DVC gives each an id from its
+    plot id; vega-embed's and the images' inner divs have none). Script bodies are dropped: the
+    inlined libraries contain HTML fragments of their own."""
+    dom = re.sub(r"<script\b.*?</script>", "", dom, flags=re.S)
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)]
+    ends = [s for s, _ in starts[1:]] + [len(dom)]
+    return {name: dom[s:e] for (s, name), e in zip(starts, ends)}
+
+
+def drawn_marks(section: str) -> list[dict[str, str]]:
+    """Vega's accessibility label of every mark item in ``section``, e.g. ``"step: 3; loss:
+    10.75; rev: workspace"``, as ``{"step": "3", "loss": "10.75", "rev": "workspace"}``."""
+    marks = []
+    for label in re.findall(r'aria-label="([^"]*)"', section):
+        pairs = [part.split(": ", 1) for part in label.split("; ")]
+        if all(len(pair) == 2 for pair in pairs):
+            marks.append(dict(pairs))
+    return marks
+
+
+def is_drawn(marks: list[dict[str, str]], x, y: float, series: str | None = None) -> bool:
+    """Whether some mark shows the value ``x`` with the number ``y`` (and ``series``)."""
+    def close(text: str) -> bool:
+        try:
+            return math.isclose(float(text), y, rel_tol=1e-6, abs_tol=1e-12)
+        except ValueError:
+            return False
+    return any(str(x) in m.values() and (series is None or series in m.values())
+               and any(close(v) for v in m.values()) for m in marks)
+
+
+def test_plots_page_renders_offline_with_every_curve_and_figure(project, tmp_path):
+    exe = chromium()
+    p = load_params(project / "params.yaml")
+    out = tmp_path / "plots"  # outside the project: nothing to commit by accident
+    proc = dvc(project, "plots", "show", "-o", str(out), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNING" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    index = out / "index.html"
+    html = index.read_text()
+    # vega, vega-lite and vega-embed come inlined from .dvc/plots/offline.html, not from a CDN
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html), "a script is loaded from a URL"
+    assert "cdn.jsdelivr.net" not in html
+
+    dump = run_chromium(exe, index, "--dump-dom")
+    assert dump.returncode == 0, dump.stderr[-3000:]
+    assert "Uncaught" not in dump.stderr, [ln for ln in dump.stderr.splitlines() if "Uncaught" in ln]
+    sections = plot_sections(dump.stdout)
+
+    # training curves of the headline pair: each run's last dvclive point (read from its TSV)
+    # is on its plot; DVC names each series by its path below the common reports/train/
+    for plot_id, split in (("train_loss", "train"), ("eval_loss", "eval")):
+        marks = drawn_marks(sections[plot_id])
+        for method in ("lora", "qlora"):
+            run = run_name(method, p.lora.r, p.lora.targets, p.seed)
+            curve = pd.read_csv(project / "reports/train" / run / "plots/metrics" / split / "loss.tsv",
+                                sep="\t")
+            last = curve.loc[curve["step"].idxmax()]
+            assert is_drawn(marks, int(last["step"]), last["loss"],
+                            f"{run}/plots/metrics/{split}/loss.tsv"), (plot_id, run, marks)
+    # rank sweep: one line per column, each ending at the largest rank
+    ranks = pd.read_csv(project / "reports/ranks.csv")
+    marks = drawn_marks(sections["reports_ranks_csv"])
+    last = ranks.loc[ranks["rank"].idxmax()]
+    for col in ("eval_loss_gap", "cos_sim_mean", "token_match_rate"):
+        assert is_drawn(marks, int(last["rank"]), last[col], col), (col, marks)
+    # module sweep: one bar per target preset
+    modules = pd.read_csv(project / "reports/modules.csv")
+    marks = drawn_marks(sections["reports_modules_csv"])
+    for row in modules.itertuples():
+        assert is_drawn(marks, row.targets, row.eval_loss_gap), (row.targets, marks)
+    # per layer and module: one point per row and column
+    layers = pd.read_csv(project / "reports/layers.csv")
+    marks = drawn_marks(sections["reports_layers_csv"])
+    for row in layers.itertuples():
+        for col in ("cos_sim", "subspace_sim"):
+            assert is_drawn(marks, row.layer, getattr(row, col), col), (row, col)
+    # every figure of the plot stage, as a copy of its file
+    figures = sorted((project / "reports/figures").glob("*.png"))
+    assert figures
+    for fig in figures:
+        section = sections["reports_figures_" + fig.name.replace(".", "_")]
+        assert f"<p>reports/figures/{fig.name}</p>" in section
+        (src,) = re.findall(r'<img src="([^"]+)"', section)
+        assert (out / src).read_bytes() == fig.read_bytes(), fig.name
+
+    # The screenshot: every figure is on it pixel for pixel, and vega painted its plots (in
+    # DVC's colour of the first revision; the figures use other colours).
+    import numpy as np
+    from PIL import Image
+
+    shot_path = tmp_path / "page.png"
+    shot = run_chromium(exe, index, f"--screenshot={shot_path}", "--window-size=1400,8000")
+    assert shot.returncode == 0 and shot_path.is_file(), shot.stderr[-3000:]
+    rgb = np.asarray(Image.open(shot_path).convert("RGB"))
+    where = {fig.name: find_image(rgb, np.asarray(Image.open(fig).convert("RGB"))) for fig in figures}
+    assert None not in where.values() and len(set(where.values())) == len(figures), where
+    dvc_colour = np.array([0x94, 0x5D, 0xD6])
+    assert (rgb == dvc_colour).all(axis=2).sum() > 1000
+
+
+def find_image(shot, image) -> tuple[int, int] | None:
+    """Top-left corner at which ``image`` appears pixel for pixel in ``shot`` (RGB arrays)."""
+    import numpy as np
+
+    (h, w), (big_h, big_w) = image.shape[:2], shot.shape[:2]
+    if h > big_h or w > big_w:
+        return None
+    # Narrow the candidate corners by the pixels of the image's most varied row (the most
+    # colour changes), one pixel where its colour changes at a time, then compare whole images.
+    k = int(np.argmax((image[:, 1:] != image[:, :-1]).any(axis=2).sum(axis=1)))
+    changes = np.flatnonzero((image[k, 1:] != image[k, :-1]).any(axis=1)) + 1
+    corners = np.ones((big_h - h + 1, big_w - w + 1), dtype=bool)
+    for j in [0, *changes]:
+        corners &= (shot[k:k + big_h - h + 1, j:j + big_w - w + 1] == image[k, j]).all(axis=2)
+        if corners.sum() <= 4:
+            break
+    for top, left in zip(*np.nonzero(corners)):
+        if np.array_equal(shot[top:top + h, left:left + w], image):
+            return int(top), int(left)
+    return None
 
 
 def test_exp_run_retrains_only_what_depends_on_lora_r(project):

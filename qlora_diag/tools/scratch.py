@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 
 # What the pipeline needs from the repository; DVC outputs and caches are not copied.
+# .dvc/plots holds the page template .dvc/config names (plots.html_template).
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "qlora_diag",
-                 ".dvc/config")
+                 ".dvc/config", ".dvc/plots")
 
 
 def set_key(params: dict, dotted: str, value) -> None:
