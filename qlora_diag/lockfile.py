@@ -206,8 +206,8 @@ def recover(root: Path = Path(".")) -> str | None:
     merge conflict is not touched: it raises a :class:`UserError`."""
     from qlora_diag.atomic import atomic_file
 
-    lock = _read(root / LOCK)
-    plan = plan_recovery(lock, _read(root / LAST_GOOD))
+    lock, good = _read(root / LOCK), _read(root / LAST_GOOD)
+    plan = plan_recovery(lock, good)
     if plan is None:
         save_last_good(root)
         return None
@@ -216,7 +216,6 @@ def recover(root: Path = Path(".")) -> str | None:
     with atomic_file(root / BROKEN_COPY, "wb") as fh:
         fh.write(lock)
     if plan.action == "restore":
-        good = (root / LAST_GOOD).read_bytes()
         with atomic_file(root / LOCK, "wb") as fh:
             fh.write(good)
     else:

@@ -208,6 +208,25 @@ def test_check_params_command_reports_the_broken_lock(tmp_path):
     assert "removes the broken file (there is no usable last good copy)" in p.stderr
 
 
+def test_lockfile_command_checks_and_recovers(tmp_path):
+    """`python -m qlora_diag.lockfile` exits 2 with the paragraph; `--recover` (what `make repro`
+    runs first) repairs the lock and says so; then both pass."""
+    root = dvc_project(tmp_path)
+    (root / LAST_GOOD).parent.mkdir(parents=True)
+    (root / LAST_GOOD).write_bytes(tiny_lock("base"))
+    (root / LOCK).write_bytes(b"")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "qlora_diag.lockfile", *args],
+                                       cwd=root, capture_output=True, text=True)
+    p = run()
+    assert p.returncode == 2 and p.stderr.startswith("error: dvc.lock is empty (0 bytes)"), p.stderr
+    p = run("--recover")
+    assert p.returncode == 0 and p.stderr.startswith("recovered: dvc.lock is empty"), p.stderr
+    assert (root / LOCK).read_bytes() == tiny_lock("base")
+    assert run().returncode == 0 and run("--recover").stderr == ""
+    p = run("--fix")
+    assert p.returncode == 2 and "unknown arguments --fix" in p.stderr
+
+
 # --- a real `dvc repro` killed while it writes dvc.lock -----------------------------------------------
 
 def kill_while_writing_the_lock(project: Path, after: str) -> tuple[str, int]:
