@@ -14,10 +14,13 @@ outside DVC's outputs. Putting it back lets DVC skip every stage it records; a s
 after it (the one whose write was killed) is restored from DVC's run-cache. Removing the broken
 file instead makes DVC look up *every* stage in the run-cache, and DVC keeps no run-cache entry for
 a stage with a ``cache: false`` entry in its ``outs`` (``no_cache_outs`` in dvc/stage/__init__.py:
-here quantize, compare and plot), so those run again. Measured on the tiny configuration
-(scratch project, lock emptied after the last stage, 2 shared cores): removing it re-ran
-quantize, compare and plot in 108 s; the last good copy re-ran plot alone in 19 s. Removing is
-kept as the fallback when there is no usable copy.
+here quantize, compare and plot), so those run again. Measured on the tiny configuration of the
+tests (AMD EPYC, 2 cores shared with other jobs): `dvc repro` SIGKILLed while the lock was empty
+after modules_lora@kv (10 of 13 stages finished), then `dvc repro` on two copies: with the last
+good copy 9 stages were unchanged, 1 came from the run-cache and no finished stage ran again
+(99 s, the 3 unfinished stages); with the lock removed 9 came from the run-cache and quantize ran
+again (116 s). Emptied after the last stage: the copy re-ran plot alone (19 s), removal re-ran
+quantize, compare and plot (108 s). Removal is the fallback when there is no usable copy.
 """
 from __future__ import annotations
 
