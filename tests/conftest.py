@@ -37,3 +37,20 @@ def tiny_model(tiny_base_dir):
     from qlora_diag.models.loading import load_base
 
     return load_base(tiny_base_dir, "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted `dvc repro` of the tiny pipeline of tests/test_interruptions.py (its
+    OVERRIDES) in a scratch project, and how long each stage took in it. Session-scoped: the
+    end-to-end tests that compare with an uninterrupted run (test_interruptions, test_lockfile)
+    share this one run instead of paying for one each."""
+    from test_interruptions import OVERRIDES, run_repro
+
+    from qlora_diag.scratch import make_scratch_project
+
+    project = make_scratch_project(REPO, tmp_path_factory.mktemp("ref") / "proj", OVERRIDES)
+    r = run_repro(project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    durations = {s: b - a for s, (a, b) in r.seen.items()}
+    return project, durations

@@ -343,17 +343,7 @@ def assert_stage_matches(stage: str, got: Path, want: Path) -> None:
         assert lock_outs(got)[stage] == outs
 
 
-# --- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run, and how long each stage took in it."""
-    project = make_scratch_project(REPO, tmp_path_factory.mktemp("ref") / "proj", OVERRIDES)
-    r = run_repro(project)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    durations = {s: b - a for s, (a, b) in r.seen.items()}
-    return project, durations
-
+# --- fixtures (`reference`, the uninterrupted run, is in conftest.py: test_lockfile shares it) --
 
 @pytest.fixture(scope="module")
 def stages(reference):
