@@ -20,10 +20,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# A dvc.lock emptied by a kill while DVC wrote it is put back first (qlora_diag/lockfile.py):
+# A dvc.lock emptied by a kill while DVC wrote it is put back first (qlora_diag/core/lockfile.py):
 # otherwise check_params would stop on it and `dvc repro` would fail on it.
 repro: $(STAMP)
-	$(BIN)/python -m qlora_diag.lockfile --recover
+	$(BIN)/python -m qlora_diag.core.lockfile --recover
 	$(BIN)/python -m qlora_diag.check_params params.yaml
 	source $(BIN)/activate && dvc repro
 

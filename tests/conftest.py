@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
     share this one run instead of paying for one each."""
     from test_interruptions import OVERRIDES, run_repro
 
-    from qlora_diag.scratch import make_scratch_project
+    from qlora_diag.tools.scratch import make_scratch_project
 
     project = make_scratch_project(REPO, tmp_path_factory.mktemp("ref") / "proj", OVERRIDES)
     r = run_repro(project)

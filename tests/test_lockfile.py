@@ -1,4 +1,4 @@
-"""dvc.lock emptied by a kill while DVC writes it (qlora_diag/lockfile.py): detection, the
+"""dvc.lock emptied by a kill while DVC writes it (qlora_diag/core/lockfile.py): detection, the
 message, recovery without retraining, and one real `dvc repro` killed in that window."""
 from __future__ import annotations
 
@@ -12,12 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from qlora_diag import lockfile
-from qlora_diag.cli import run_stage
-from qlora_diag.errors import UserError
-from qlora_diag.lockfile import (BROKEN_COPY, LAST_GOOD, LOCK, Plan, broken_message, conflict_line,
-                                 lock_problem, plan_recovery, recorded_stages, recover)
-from qlora_diag.scratch import dvc, make_scratch_project, scratch_env
+from qlora_diag.core import lockfile
+from qlora_diag.core.cli import run_stage
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.lockfile import (
+    BROKEN_COPY,
+    LAST_GOOD,
+    LOCK,
+    Plan,
+    broken_message,
+    conflict_line,
+    lock_problem,
+    plan_recovery,
+    recorded_stages,
+    recover,
+)
+from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
 
 REPO = Path(__file__).resolve().parents[1]
 # A lock DVC wrote: the committed one of the default pipeline (19 stages, ~40 KB).
@@ -120,7 +130,7 @@ def test_messages_are_one_paragraph_saying_what_happened_and_what_to_do():
         msg = broken_message(plan)
         assert "\n" not in msg
         assert msg.startswith("dvc.lock is empty (0 bytes): DVC was interrupted while writing it.")
-        assert "Run `make repro`" in msg and "python -m qlora_diag.lockfile --recover" in msg
+        assert "Run `make repro`" in msg and "python -m qlora_diag.core.lockfile --recover" in msg
         assert "Do not restore dvc.lock from git" in msg
     assert "it records 2 stages" in broken_message(Plan("restore", "x", ("base", "prepare")))
     assert "re-runs those it keeps no run-cache entry" in broken_message(Plan("remove", "x"))
@@ -209,13 +219,13 @@ def test_check_params_command_reports_the_broken_lock(tmp_path):
 
 
 def test_lockfile_command_checks_and_recovers(tmp_path):
-    """`python -m qlora_diag.lockfile` exits 2 with the paragraph; `--recover` (what `make repro`
+    """`python -m qlora_diag.core.lockfile` exits 2 with the paragraph; `--recover` (what `make repro`
     runs first) repairs the lock and says so; then both pass."""
     root = dvc_project(tmp_path)
     (root / LAST_GOOD).parent.mkdir(parents=True)
     (root / LAST_GOOD).write_bytes(tiny_lock("base"))
     (root / LOCK).write_bytes(b"")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "qlora_diag.lockfile", *args],
+    run = lambda *args: subprocess.run([sys.executable, "-m", "qlora_diag.core.lockfile", *args],
                                        cwd=root, capture_output=True, text=True)
     p = run()
     assert p.returncode == 2 and p.stderr.startswith("error: dvc.lock is empty (0 bytes)"), p.stderr

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from qlora_diag.report import statistics as st
 from qlora_diag.core.errors import UserError
+from qlora_diag.report import statistics as st
 
 N_SIM = 40_000
 

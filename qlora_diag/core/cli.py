@@ -44,7 +44,7 @@ def run_stage(main: Callable[[], None], check_lock: bool = True) -> None:
     Set ``QLORA_DIAG_DEBUG=1`` to get the full traceback instead. Ctrl-C and SIGTERM exit with
     130 after the interrupted writes have cleaned up. With ``check_lock`` a ``dvc.lock`` emptied
     by a kill is reported before any work, and under `dvc repro` the lock is saved as the last
-    good copy (:func:`qlora_diag.lockfile.at_stage_start`).
+    good copy (:func:`qlora_diag.core.lockfile.at_stage_start`).
     """
     quiet_known_library_noise()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -52,7 +52,7 @@ def run_stage(main: Callable[[], None], check_lock: bool = True) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if check_lock:
-            from qlora_diag.lockfile import at_stage_start
+            from qlora_diag.core.lockfile import at_stage_start
 
             at_stage_start()
         main()

@@ -11,7 +11,6 @@ import torch
 
 from qlora_diag.core.errors import UserError
 
-
 # Ampere (compute capability 8.0) is the first NVIDIA generation with bf16 tensor cores.
 # torch.cuda.is_bf16_supported() also answers True on T4 / V100 (7.x), where bf16 is emulated and
 # slower than fp32, so the capability decides.

@@ -29,14 +29,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_diag.errors import UserError
+from qlora_diag.core.errors import UserError
 
 LOCK = Path("dvc.lock")
 # .dvc/tmp is DVC's own git-ignored scratch directory: no stage writes there and `dvc gc` does not
 # touch it, so the copy survives whatever a run does to the workspace.
 LAST_GOOD = Path(".dvc/tmp/dvc.lock.last-good")
 BROKEN_COPY = Path(".dvc/tmp/dvc.lock.broken")
-RECOVER_CMD = "python -m qlora_diag.lockfile --recover"
+RECOVER_CMD = "python -m qlora_diag.core.lockfile --recover"
 
 _CONFLICT_MARKERS = ("<<<<<<< ", "=======", ">>>>>>> ")
 
@@ -183,7 +183,7 @@ def check(root: Path = Path(".")) -> None:
 def save_last_good(root: Path = Path(".")) -> bool:
     """Copy a healthy ``root/dvc.lock`` to ``root/LAST_GOOD`` atomically (a kill mid-copy leaves
     the previous copy); True if copied. A missing or broken lock never replaces the copy."""
-    from qlora_diag.atomic import atomic_file
+    from qlora_diag.core.atomic import atomic_file
 
     lock = _read(root / LOCK)
     if lock is None or not (root / ".dvc").is_dir() or lock_problem(lock) is not None:
@@ -194,7 +194,7 @@ def save_last_good(root: Path = Path(".")) -> bool:
 
 
 def at_stage_start(root: Path = Path(".")) -> None:
-    """Called first by every stage script (:func:`qlora_diag.cli.run_stage`): a broken lock is a
+    """Called first by every stage script (:func:`qlora_diag.core.cli.run_stage`): a broken lock is a
     clear error; under `dvc repro` (DVC sets ``DVC_STAGE`` for each stage command) the lock DVC
     has just written is saved as the last good copy. The working directory is the project's
     root (``DVC_ROOT`` would name the parent repository in a queued experiment's workspace)."""
@@ -207,7 +207,7 @@ def recover(root: Path = Path(".")) -> str | None:
     """Recover a broken ``root/dvc.lock`` as :func:`plan_recovery` says and return the message;
     None if it was healthy or missing (a healthy one is then saved as the last good copy). A
     merge conflict is not touched: it raises a :class:`UserError`."""
-    from qlora_diag.atomic import atomic_file
+    from qlora_diag.core.atomic import atomic_file
 
     lock, good = _read(root / LOCK), _read(root / LAST_GOOD)
     plan = plan_recovery(lock, good)
@@ -227,10 +227,10 @@ def recover(root: Path = Path(".")) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m qlora_diag.lockfile [--recover]``: check dvc.lock (exit 2 with what to do if it
+    """``python -m qlora_diag.core.lockfile [--recover]``: check dvc.lock (exit 2 with what to do if it
     is broken), or with --recover repair it as `make repro` does before `dvc repro`."""
     if argv not in ([], ["--recover"]):
-        raise UserError(f"unknown arguments {' '.join(argv)}; usage: python -m qlora_diag.lockfile "
+        raise UserError(f"unknown arguments {' '.join(argv)}; usage: python -m qlora_diag.core.lockfile "
                         "[--recover]")
     if argv:
         message = recover()
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from qlora_diag.cli import run_stage
+    from qlora_diag.core.cli import run_stage
 
     # check_lock=False: a broken lock is what --recover is for.
     run_stage(lambda: main(sys.argv[1:]), check_lock=False)
