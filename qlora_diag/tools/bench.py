@@ -58,7 +58,7 @@ from qlora_diag.core.machine import (
     torch_dtype,
 )
 from qlora_diag.data.batching import RecordDataset, collate, training_order
-from qlora_diag.data.prepare import load_split
+from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.models.targets import resolve_targets
 from qlora_diag.train.generation import generate_greedy, left_padded

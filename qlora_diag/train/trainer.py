@@ -36,7 +36,7 @@ from qlora_diag.data.batching import (
     collate,
     training_order,
 )
-from qlora_diag.data.prepare import load_split
+from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_base, load_quantized, load_tokenizer
 from qlora_diag.models.targets import min_adapted_dim, resolve_targets
 from qlora_diag.train.generation import (
