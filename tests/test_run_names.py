@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("parts, name", [
     (("qlora", 8, "qv", 42), "qlora-r8-qv-s42"),
     (("lora", 16, "q_proj,v_proj", 0), "lora-r16-q_proj,v_proj-s0"),
-    (("lora", 2, "attn.c_proj,attn.c_attn", MAX_SEED), "lora-r2-attn.c_proj,attn.c_attn-s4294967295"),
+    (("lora", 2, "attn.c_proj,attn.c_attn", MAX_SEED),
+     "lora-r2-attn.c_proj,attn.c_attn-s4294967295"),
     (("lora", 1, "all_linear", 12), "lora-r1-all_linear-s12"),
     (("qlora", 4, "s1", 1), "qlora-r4-s1-s1"),         # targets that look like a seed
     (("qlora", 4, "r8", 7), "qlora-r4-r8-s7"),         # ... and like a rank

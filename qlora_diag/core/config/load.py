@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+# ruamel.yaml comes with dvc (pinned in requirements.txt): the parser whose reading we must match.
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
 from ruamel.yaml.error import YAMLError
