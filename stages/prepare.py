@@ -9,7 +9,7 @@ from qlora_diag.core.atomic import write_json
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.core.errors import UserError
-from qlora_diag.data.prepare import prepare_dataset
+from qlora_diag.data.splits import prepare_dataset
 from qlora_diag.models.loading import load_tokenizer
 
 BASE = "models/base"

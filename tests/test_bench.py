@@ -110,7 +110,7 @@ def test_missing_pipeline_outputs_is_a_user_error(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """What `dvc repro base prepare quantize` leaves, for the tiny model."""
-    from qlora_diag.data.prepare import prepare_dataset
+    from qlora_diag.data.splits import prepare_dataset
     from qlora_diag.models.loading import load_tokenizer
     from qlora_diag.models.quantization import quantize_and_save
 

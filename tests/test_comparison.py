@@ -193,7 +193,7 @@ QLORA_OUT = [[5, 6, 7], [5, 6, 9], [5], [8, 8, 8]]
 @pytest.fixture(scope="module")
 def fake_pipeline(tmp_path_factory, tiny_base_dir):
     """models/, data/, reports/ as `dvc repro` would leave them before compare, for tiny_params."""
-    from qlora_diag.data.prepare import load_split, prepare_dataset
+    from qlora_diag.data.splits import load_split, prepare_dataset
     from qlora_diag.models.loading import load_base, load_tokenizer
     from qlora_diag.models.quantization import quantize_and_save, weight_error_table
 
@@ -321,7 +321,7 @@ def test_transfer_and_base_numbers_are_finite_and_consistent(compared):
 
 
 def test_kl_of_a_model_with_itself_is_zero_and_hidden_cos_one(fake_pipeline, tiny_base_dir):
-    from qlora_diag.data.prepare import load_split
+    from qlora_diag.data.splits import load_split
     from qlora_diag.models.loading import load_base, load_tokenizer
 
     p, paths = fake_pipeline

@@ -2,18 +2,28 @@
 all problems are reported at once; the command line shows them without a traceback."""
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import os
 import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qlora_diag.core.config import Params, load_params, params_from_dict
+from qlora_diag.core.config import (
+    Params,
+    load_params,
+    params_from_dict,
+    require_eval_examples,
+)
+from qlora_diag.core.config import params as params_module
+from qlora_diag.core.config.load import read_yaml
 from qlora_diag.core.errors import ParamsError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +253,19 @@ def test_relations(edits, message):
     assert only(problems_after(*edits)).startswith(message)
 
 
+def test_eval_split_rule_on_the_prepared_split():
+    """compare.n_generate <= data.n_eval again, against the prepared eval split, which holds
+    fewer examples when prepare dropped some (training, compare and bench call this)."""
+    eval_file = Path("data/prepared/eval.jsonl")
+    require_eval_examples("compare.n_generate", 47, 47, eval_file)  # all of them: fine
+    with pytest.raises(UserError) as exc:
+        require_eval_examples("compare.n_generate", 50, 47, eval_file)
+    assert str(exc.value) == ("compare.n_generate = 50 is larger than the eval split (47 examples "
+                              "in data/prepared/eval.jsonl)")
+    with pytest.raises(UserError, match=r"^bench\.gen_examples = 33 is larger than the eval "):
+        require_eval_examples("bench.gen_examples", 33, 32, eval_file)
+
+
 def test_relation_is_not_repeated_for_an_invalid_key():
     """lora.r = 0 is reported once, as a bad rank, not again as 'not in sweep.ranks'."""
     assert only(problems_after(("lora.r", 0))).startswith("lora.r = 0: the rank must be")
@@ -300,6 +323,60 @@ def test_exponent_floats_read_like_dvc(tmp_path):
     assert load_params(write_params(tmp_path, text)).train.lr == 0.003
 
 
+def test_duplicate_key_names_its_first_line_not_the_mapping_start(tmp_path):
+    text = "seed: 1\nlora:\n  alpha: 8\n  r: 4\n  dropout: 0.1\n  r: 8\n"
+    with pytest.raises(UserError) as exc:
+        load_params(write_params(tmp_path, text))
+    assert str(exc.value).endswith("params.yaml line 6: not valid YAML (duplicate key 'r' (first "
+                                   "on line 4); each key may appear once)")
+
+
+# (scalar as written, the value YAML 1.2 gives). PyYAML (YAML 1.1) read the rows marked * as
+# something else (yes -> True, 010 -> 8, 0o10 -> '0o10', 1:30 -> 90), while DVC, which
+# substitutes params into dvc.yaml and records them in dvc.lock, reads them as here.
+YAML_1_2 = [("1e-3", 0.001), ("2.0e-3", 0.002), ("+1e-3", 0.001), (".5e-3", 0.0005),
+            ("1E3", 1000.0), ("-.5e2", "-.5e2"), ("yes", "yes"), ("off", "off"), ("TRUE", True),
+            ("010", 10), ("0o10", 8), ("0x1F", 31), ("1_000", 1000), ("1:30", "1:30"),
+            (".inf", float("inf")), ("~", None), ("y", "y")]
+
+
+@pytest.mark.parametrize("scalar, value", YAML_1_2)
+def test_scalars_read_as_dvc_reads_them(scalar, value):
+    from dvc.utils.serialize import parse_yaml
+
+    text = f"x: {scalar}\n"
+    ours, dvcs = read_yaml(Path("params.yaml"), text)["x"], parse_yaml(text, "params.yaml")["x"]
+    assert (ours, type(ours)) == (value, type(value)) == (dvcs, type(dvcs))
+
+
+def test_yaml_1_1_boolean_word_is_not_a_boolean():
+    """`double_quant: yes` was True for PyYAML but the string 'yes' for DVC: now it is an error."""
+    assert only(problems_after(("quant.double_quant", read_yaml(Path("p"), "x: yes")["x"]))) == \
+        "quant.double_quant = 'yes': must be true or false"
+
+
+def test_duplicates_dvc_rejects_too(tmp_path):
+    from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
+
+    text = "seed: 1\nseed: 2\n"
+    with pytest.raises(YAMLFileCorruptedError):
+        parse_yaml(text, "params.yaml")
+    with pytest.raises(UserError, match=r"^\S+params\.yaml line 2: not valid YAML \(duplicate key "
+                                        r"'seed' \(first on line 1\); each key may appear once\)$"):
+        load_params(write_params(tmp_path, text))
+
+
+def test_unreadable_character_and_deep_nesting_are_one_line(tmp_path):
+    with pytest.raises(UserError) as exc:
+        load_params(write_params(tmp_path, "seed: 1\nlora:\n  r: \x01\n"))
+    assert str(exc.value).endswith("params.yaml line 3: not valid YAML (unacceptable character "
+                                   "#x0001: special characters are not allowed)")
+    with pytest.raises(UserError) as exc:
+        load_params(write_params(tmp_path, "seed: " + "[" * 5000))
+    assert str(exc.value).endswith("params.yaml: cannot be read (lists or mappings nested too "
+                                   "deeply); params.yaml holds sections of keys, two levels deep")
+
+
 def test_missing_empty_and_non_mapping_file(tmp_path):
     with pytest.raises(UserError, match=r"nope\.yaml: file not found"):
         load_params(tmp_path / "nope.yaml")
@@ -310,6 +387,28 @@ def test_missing_empty_and_non_mapping_file(tmp_path):
         load_params(write_params(tmp_path, "[1, 2]\n"))
     with pytest.raises(UserError, match="cannot read it"):
         load_params(tmp_path)  # a directory
+
+
+# --- the dataclasses --------------------------------------------------------------------------
+
+def test_every_field_has_a_docstring():
+    """litgpt's convention: a string right under each field says what the value means (the
+    sections of Params are documented by their classes)."""
+    tree = ast.parse(Path(params_module.__file__).read_text())
+    hints = typing.get_type_hints(Params)
+    sections = {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+    leaves = len(hints) - len(sections) + sum(len(dataclasses.fields(hints[s])) for s in sections)
+    undocumented, n_fields = [], 0
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for stmt, after in zip(cls.body, cls.body[1:] + [None]):
+            if not isinstance(stmt, ast.AnnAssign) or (cls.name == "Params" and
+                                                       stmt.target.id in sections):
+                continue
+            n_fields += 1
+            if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str) and after.value.value.strip()):
+                undocumented.append(f"{cls.name}.{stmt.target.id}")
+    assert undocumented == [] and n_fields == leaves == 41
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -4,15 +4,14 @@ import json
 import pytest
 
 from qlora_diag.core.errors import UserError
-from qlora_diag.data.prepare import (
-    format_prompt,
-    load_examples,
+from qlora_diag.data.probe import generate_probe
+from qlora_diag.data.sources import format_prompt, load_examples
+from qlora_diag.data.splits import (
     load_split,
     prepare_dataset,
     split_examples,
     tokenize_example,
 )
-from qlora_diag.data.probe import generate_probe
 
 RECORDS = [
     {"instruction": "Say hi.", "output": "hi"},
@@ -305,8 +304,8 @@ def test_load_split_errors(tmp_path):
 def test_eval_split_is_stratified_by_task():
     from collections import Counter
 
-    from qlora_diag.data.prepare import split_examples
     from qlora_diag.data.probe import TASKS, generate_probe
+    from qlora_diag.data.splits import split_examples
 
     train, evals = split_examples(generate_probe(400, seed=3), n_train=300, n_eval=64, seed=3)
     counts = Counter(e["task"] for e in evals)

@@ -3,13 +3,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from qlora_diag.data.probe import (
-    TASKS,
-    check_answer,
-    exact_match,
-    generate_probe,
-    normalize_answer,
-)
+from qlora_diag.data.answers import check_answer, exact_match, normalize_answer
+from qlora_diag.data.probe import TASKS, generate_probe
 
 
 def test_same_seed_same_examples_different_seed_different():

@@ -42,7 +42,7 @@ GEN = GenerationCfg(n_generate=4, max_new_tokens=4, batch_size=4)
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """A prepared tiny data set and a quantized tiny model, as the stages would leave them."""
-    from qlora_diag.data.prepare import prepare_dataset
+    from qlora_diag.data.splits import prepare_dataset
     from qlora_diag.models.loading import load_tokenizer
     from qlora_diag.models.quantization import quantize_and_save
 
@@ -234,7 +234,7 @@ def test_latest_complete_checkpoint_skips_and_removes_partial(tmp_path):
 def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_base_dir, tmp_path):
     from peft import PeftModel
 
-    from qlora_diag.data.prepare import load_split
+    from qlora_diag.data.splits import load_split
     from qlora_diag.models.loading import load_base, load_tokenizer
 
     spec = RunSpec("lora", 4, "qv", 3)

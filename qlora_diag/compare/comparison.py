@@ -59,7 +59,7 @@ from qlora_diag.compare.runs import (
     run_files,
 )
 from qlora_diag.core.atomic import atomic_dir, atomic_file, write_json
-from qlora_diag.core.config import Params
+from qlora_diag.core.config import Params, require_eval_examples
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import (
     choose_device,
@@ -68,7 +68,7 @@ from qlora_diag.core.machine import (
     resolve_dtype,
 )
 from qlora_diag.data.batching import collate
-from qlora_diag.data.prepare import load_split
+from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.models.quantization import quantization_residuals
 from qlora_diag.train.generation import (
@@ -625,9 +625,8 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
     _require(paths.quant_dir, "the 4-bit base model", "quantize")
     _require(paths.data_dir / "eval.jsonl", "the prepared eval split", "prepare")
     eval_records = load_split(paths.data_dir / "eval.jsonl")
-    if gen.n_generate > len(eval_records):
-        raise UserError(f"compare.n_generate = {gen.n_generate} is larger than the eval split "
-                        f"({len(eval_records)} examples in {paths.data_dir / 'eval.jsonl'})")
+    require_eval_examples("compare.n_generate", gen.n_generate, len(eval_records),
+                          paths.data_dir / "eval.jsonl")
     gen_records = eval_records[: gen.n_generate]
     quant_errors = load_quant_errors(paths.quant_csv, p.quant.type, p.quant.double_quant)
     ranks, presets, head = rank_pairs(p), preset_pairs(p), headline_pair(p)

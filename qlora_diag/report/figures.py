@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from qlora_diag.core.run_names import parse_run_name  # noqa: E402
+
 FIGSIZE = (8, 4.5)
 DPI = 120
 PALETTE = {"LoRA": "#1f77b4", "QLoRA": "#ff7f0e"}
@@ -175,12 +177,12 @@ def load_loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
     ``<method>-r<rank>-<targets>-s<seed>``)."""
     frames = []
     for name, folder in runs.items():
-        method, seed = name.split("-")[0], name.rsplit("-s", 1)[1]
+        run = parse_run_name(name)
         for split in ("train", "eval"):
             tsv = folder / "plots" / "metrics" / split / "loss.tsv"
             df = pd.read_csv(tsv, sep="\t")
-            frames.append(df[["step", "loss"]].assign(run=name, method=METHOD_LABEL[method],
-                                                      seed=f"seed {seed}", split=split))
+            frames.append(df[["step", "loss"]].assign(run=name, method=METHOD_LABEL[run.method],
+                                                      seed=f"seed {run.seed}", split=split))
     return pd.concat(frames, ignore_index=True)
 
 

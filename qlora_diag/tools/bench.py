@@ -47,7 +47,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from qlora_diag.core.atomic import write_json
-from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg
+from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg, require_eval_examples
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import (
     choose_device,
@@ -58,7 +58,7 @@ from qlora_diag.core.machine import (
     torch_dtype,
 )
 from qlora_diag.data.batching import RecordDataset, collate, training_order
-from qlora_diag.data.prepare import load_split
+from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.models.targets import resolve_targets
 from qlora_diag.train.generation import generate_greedy, left_padded
@@ -596,9 +596,8 @@ def bench_generation(setup: TrainSetup, gen: GenerationCfg, device: torch.device
     runs, so a load change during the long one-at-a-time pass is shared by both sides.
     """
     records = load_split(Path(setup.data_dir) / "eval.jsonl")
-    if gen.n_generate > len(records):
-        raise UserError(f"bench.gen_examples = {gen.n_generate} is larger than the eval split "
-                        f"({len(records)} examples in {Path(setup.data_dir) / 'eval.jsonl'})")
+    require_eval_examples("bench.gen_examples", gen.n_generate, len(records),
+                          Path(setup.data_dir) / "eval.jsonl")
     prompts = [r["input_ids"][: r["n_prompt"]] for r in records[: gen.n_generate]]
     tok = load_tokenizer(setup.base_dir)
     model = setup.project_model("lora", device)

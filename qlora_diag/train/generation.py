@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_diag.data.probe import exact_match
+from qlora_diag.data.answers import exact_match
 from qlora_diag.train.losses import decoder_parts
 from qlora_diag.train.prefix_sharing import (
     build_prefix_tree,

@@ -27,7 +27,7 @@ from transformers.integrations import DVCLiveCallback
 from transformers.trainer_callback import PrinterCallback
 
 from qlora_diag.core.atomic import atomic_dir, write_json, write_text
-from qlora_diag.core.config import LoraCfg, TrainCfg, run_name
+from qlora_diag.core.config import LoraCfg, TrainCfg, require_eval_examples, run_name
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import choose_device, resolve_dtype
 from qlora_diag.data.batching import (
@@ -36,7 +36,7 @@ from qlora_diag.data.batching import (
     collate,
     training_order,
 )
-from qlora_diag.data.prepare import load_split
+from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_base, load_quantized, load_tokenizer
 from qlora_diag.models.targets import min_adapted_dim, resolve_targets
 from qlora_diag.train.generation import (
@@ -289,9 +289,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     tokenizer = load_tokenizer(base_dir)
     train_records = load_split(data_dir / "train.jsonl")
     eval_records = load_split(data_dir / "eval.jsonl")
-    if gen.n_generate > len(eval_records):
-        raise UserError(f"compare.n_generate = {gen.n_generate} is larger than the eval split "
-                        f"({len(eval_records)} examples in {data_dir / 'eval.jsonl'})")
+    require_eval_examples("compare.n_generate", gen.n_generate, len(eval_records),
+                          data_dir / "eval.jsonl")
     model = load_method_base(spec.method, base_dir=base_dir, quant_dir=quant_dir,
                              base_dtype=base_dtype, compute_dtype=compute_dtype, device=device)
     if spec.method == "qlora" and train.kbit_prep:

@@ -1,0 +1,64 @@
+"""Run names: run_name builds them, parse_run_name reads them back (the loss-curve figure)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qlora_diag.core.config.choices import MAX_SEED
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.run_names import RunParts, parse_run_name, run_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("parts, name", [
+    (("qlora", 8, "qv", 42), "qlora-r8-qv-s42"),
+    (("lora", 16, "q_proj,v_proj", 0), "lora-r16-q_proj,v_proj-s0"),
+    (("lora", 2, "attn.c_proj,attn.c_attn", MAX_SEED),
+     "lora-r2-attn.c_proj,attn.c_attn-s4294967295"),
+    (("lora", 1, "all_linear", 12), "lora-r1-all_linear-s12"),
+    (("qlora", 4, "s1", 1), "qlora-r4-s1-s1"),         # targets that look like a seed
+    (("qlora", 4, "r8", 7), "qlora-r4-r8-s7"),         # ... and like a rank
+    (("lora", 10, "dense,query_key_value", 3), "lora-r10-dense,query_key_value-s3"),
+])
+def test_known_names_both_ways(parts, name):
+    assert run_name(*parts) == name
+    assert parse_run_name(name) == RunParts(*parts)
+    assert parse_run_name(name).method == parts[0] and parse_run_name(name).seed == parts[3]
+
+
+# Every targets value the config accepts has this form (checks.targets_problem).
+targets = st.from_regex(r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*", fullmatch=True)
+
+
+@given(st.sampled_from(["lora", "qlora"]), st.integers(1, 10**6), targets,
+       st.integers(0, MAX_SEED))
+def test_round_trip(method, rank, targets, seed):
+    assert parse_run_name(run_name(method, rank, targets, seed)) == (method, rank, targets, seed)
+
+
+@pytest.mark.parametrize("name", ["qlora-r8-qv", "qlora-r08-qv-s42", "qlora-r8-qv-s042",
+                                  "qlora-r8-q-v-s42", "qlora_r8_qv_s42", "qlora-8-qv-s42", ""])
+def test_other_names_are_rejected_naming_the_form(name):
+    with pytest.raises(UserError) as exc:
+        parse_run_name(name)
+    assert str(exc.value) == (f"{name!r} is not a run name; run names are "
+                              "<method>-r<rank>-<targets>-s<seed>, e.g. qlora-r8-qv-s42")
+
+
+def test_dvc_yaml_outs_are_run_names():
+    """The training stages' outs spell run names by hand; with values substituted they parse."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    values = {"item.rank": "4", "lora.r": "8", "lora.targets": "qv", "item.targets": "attn_mlp",
+              "seed": "42", "item.seed": "1"}
+    outs = [o for s in stages.values() for o in s.get("outs", [])
+            if isinstance(o, str) and o.startswith(("models/adapters/", "reports/train/"))]
+    assert len(outs) == 12
+    for out in outs:
+        name = re.sub(r"\$\{([\w.]+)\}", lambda m: values[m.group(1)], out.split("/")[-1])
+        assert run_name(*parse_run_name(name)) == name
