@@ -38,7 +38,7 @@ QUANTIZATION_KEYS = (
     "disk_mb_quantized",
 )
 # Keys of reports/quantization.json["configs"]: quant type, "_dq" with double quantization.
-QUANT_CONFIGS = ("nf4", "nf4_dq", "fp4", "fp4_dq")
+QUANT_CONFIG_KEYS = ("nf4", "nf4_dq", "fp4", "fp4_dq")
 
 
 def quant_config_key(quant_type: str, double_quant: bool) -> str:
