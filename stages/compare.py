@@ -1,18 +1,15 @@
 """Stage `compare`: LoRA vs QLoRA at the weight and function level, the base models' own numbers
-and the transfer check -> reports/metrics.json, reports/{ranks,modules,layers}.csv and
-reports/compare/ (pairs, per-task, base, transfer, setup), read by the plot stage."""
+and the transfer check -> reports/metrics.json (DVC metrics), reports/{ranks,modules,layers}.csv
+and reports/compare/ (headline numbers, pairs, per-task, base, transfer, setup), read by the
+plot stage."""
 from qlora_diag.core.cli import exit_quietly_while_loading
 
 exit_quietly_while_loading()  # first: Ctrl-C while the imports below load exits 130 quietly
 
 from pathlib import Path
 
-from qlora_diag.compare.comparison import (
-    ComparePaths,
-    run_compare,
-    summary_lines,
-    write_outputs,
-)
+from qlora_diag.compare.outputs import summary_lines, write_outputs
+from qlora_diag.compare.run import ComparePaths, run_compare
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.core.machine import configure_threads

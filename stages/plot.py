@@ -13,7 +13,8 @@ from qlora_diag.core.atomic import atomic_dir, write_json, write_text
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.report.figures import load_loss_curves, make_figures
-from qlora_diag.report.markdown import diagnose_inputs, read_inputs, render_report
+from qlora_diag.report.inputs import diagnose_inputs, read_inputs
+from qlora_diag.report.markdown import render_report
 
 REPORTS = Path("reports")
 
@@ -26,7 +27,7 @@ def main() -> None:
     with atomic_dir(REPORTS / "figures") as tmp:
         make_figures(out_dir=tmp, ranks=inputs.ranks, modules=inputs.modules,
                      layers=inputs.layers, quant_table=inputs.quant_table,
-                     curves=load_loss_curves(inputs.run_dirs),
+                     curves=load_loss_curves(inputs.run_dirs, inputs.runs),
                      seed_spread=m["eval_loss_seed_spread"],
                      cos_threshold=params.compare.cos_threshold,
                      noise_floor_cos_sim=m["noise_floor_cos_sim"],

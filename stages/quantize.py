@@ -1,7 +1,7 @@
 """Stage `quantize`: the 4-bit QLoRA base (models/quantized) and what quantization costs.
 
 Writes reports/quantization.csv (error of every linear weight under nf4/fp4 x double quant) and
-reports/quantization.json (DVC metrics: errors, bits per parameter vs the QLoRA paper, storage).
+reports/quantization.json (errors, bits per parameter vs the QLoRA paper, storage).
 """
 from qlora_diag.core.cli import exit_quietly_while_loading
 

@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_diag.compare import comparison as cmp
-from qlora_diag.compare import runs
+from qlora_diag.compare import function as fn
+from qlora_diag.compare import headline, runs
+from qlora_diag.compare import run as cmp
+from qlora_diag.compare.outputs import write_outputs
+from qlora_diag.core import schemas
 from qlora_diag.core.config import (
     BaseCfg,
     LoraCfg,
@@ -25,6 +28,7 @@ from qlora_diag.core.config import (
     run_name,
 )
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.numbers import json_safe
 from qlora_diag.train.trainer import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,62 +57,62 @@ def tiny_params(**sweep) -> Params:
 # ---------------------------------------------------------------------------------------------
 
 def test_token_match_identical_disjoint_and_partial():
-    assert cmp.token_match_rate([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == 1.0
-    assert cmp.token_match_rate([[]], [[]]) == 1.0  # two empty answers agree
-    assert cmp.token_match_rate([[1, 2]], [[2, 1]]) == 0.0
+    assert fn.token_match_rate([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == 1.0
+    assert fn.token_match_rate([[]], [[]]) == 1.0  # two empty answers agree
+    assert fn.token_match_rate([[1, 2]], [[2, 1]]) == 0.0
     # up to the longer output: 2 matching positions of 4
-    assert cmp.token_match_counts([1, 2, 3], [1, 2, 4, 5]) == (2, 4)
-    assert cmp.token_match_rate([[1, 2, 3]], [[1, 2, 4, 5]]) == 0.5
+    assert fn.token_match_counts([1, 2, 3], [1, 2, 4, 5]) == (2, 4)
+    assert fn.token_match_rate([[1, 2, 3]], [[1, 2, 4, 5]]) == 0.5
     # a prefix that stops early loses the positions the other goes on for
-    assert cmp.token_match_rate([[7]], [[7, 8, 9]]) == pytest.approx(1 / 3)
+    assert fn.token_match_rate([[7]], [[7, 8, 9]]) == pytest.approx(1 / 3)
     # pooled over tokens: (2 + 1) matches over (4 + 1) positions, not the mean of 0.5 and 1
-    assert cmp.token_match_rate([[1, 2, 3], [5]], [[1, 2, 4, 5], [5]]) == pytest.approx(3 / 5)
+    assert fn.token_match_rate([[1, 2, 3], [5]], [[1, 2, 4, 5], [5]]) == pytest.approx(3 / 5)
     # position-wise: a later coincidental match counts
-    assert cmp.token_match_rate([[1, 9, 3]], [[1, 8, 3]]) == pytest.approx(2 / 3)
+    assert fn.token_match_rate([[1, 9, 3]], [[1, 8, 3]]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
-        cmp.token_match_rate([[1]], [])
+        fn.token_match_rate([[1]], [])
 
 
 def test_exact_output_agreement():
-    assert cmp.exact_output_agreement([[1, 2], [3], []], [[1, 2], [3, 4], []]) == pytest.approx(2 / 3)
-    assert cmp.exact_output_agreement([[1]], [[1]]) == 1.0
+    assert fn.exact_output_agreement([[1, 2], [3], []], [[1, 2], [3, 4], []]) == pytest.approx(2 / 3)
+    assert fn.exact_output_agreement([[1]], [[1]]) == 1.0
 
 
 def test_kl_known_values():
     logits = torch.randn(5, 11)
-    assert cmp.kl_divergence_sum(logits, logits) == 0.0
+    assert fn.kl_divergence_sum(logits, logits) == 0.0
     # a shift of all logits leaves the distribution unchanged
-    assert cmp.kl_divergence_sum(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-5)
+    assert fn.kl_divergence_sum(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-5)
     # two-outcome case by hand: P = (1/2, 1/2), Q = (1/(1+e), e/(1+e))
     p, q = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     qa, qb = 1 / (1 + math.e), math.e / (1 + math.e)
     expected = 0.5 * math.log(0.5 / qa) + 0.5 * math.log(0.5 / qb)
-    assert cmp.kl_divergence_sum(p, q) == pytest.approx(expected, rel=1e-6)
-    assert cmp.kl_divergence_sum(q, p) != pytest.approx(expected, rel=1e-3)  # asymmetric
+    assert fn.kl_divergence_sum(p, q) == pytest.approx(expected, rel=1e-6)
+    assert fn.kl_divergence_sum(q, p) != pytest.approx(expected, rel=1e-3)  # asymmetric
     # sums over rows
-    assert cmp.kl_divergence_sum(torch.cat([p, p]), torch.cat([q, q])) == pytest.approx(2 * expected)
+    assert fn.kl_divergence_sum(torch.cat([p, p]), torch.cat([q, q])) == pytest.approx(2 * expected)
 
 
 def test_seed_stats_and_noise_aware_gap_by_hand():
-    s = cmp.seed_stats([1.0, 1.2, 1.1])
+    s = headline.seed_stats([1.0, 1.2, 1.1])
     assert s["mean"] == pytest.approx(1.1)
     assert s["std"] == pytest.approx(0.1)  # sample std: sqrt((0.01 + 0.01 + 0) / 2)
     assert s["spread"] == pytest.approx(0.2)
-    one = cmp.seed_stats([2.0])
+    one = headline.seed_stats([2.0])
     assert one["mean"] == 2.0 and math.isnan(one["std"]) and math.isnan(one["spread"])
 
-    g = cmp.noise_aware_gap(lora=[1.00, 1.10], qlora=[1.20, 1.50])
+    g = headline.noise_aware_gap(lora=[1.00, 1.10], qlora=[1.20, 1.50])
     assert g["gap"] == pytest.approx(1.35 - 1.05)
     assert g["spread_lora"] == pytest.approx(0.10)
     assert g["spread_qlora"] == pytest.approx(0.30)
     assert g["seed_spread"] == pytest.approx(0.30)  # largest same-method difference
-    single = cmp.noise_aware_gap(lora=[1.0], qlora=[1.25])
+    single = headline.noise_aware_gap(lora=[1.0], qlora=[1.25])
     assert single["gap"] == 0.25 and math.isnan(single["seed_spread"])
-    assert cmp.quality_drop_pct(2.0, 2.1) == pytest.approx(5.0)
+    assert headline.quality_drop_pct(2.0, 2.1) == pytest.approx(5.0)
 
 
 def test_json_safe_turns_nan_into_null():
-    out = cmp.json_safe({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}})
+    out = json_safe({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}})
     assert out == {"a": None, "b": [1.0, None], "c": {"d": 2}}
 
 
@@ -173,8 +177,8 @@ def _write_adapter(base_dir: Path, out: Path, spec: RunSpec, alpha: float) -> No
 
 def _run_json(spec: RunSpec, eval_loss: float, exact: float) -> dict:
     return {"run": spec.name, "method": spec.method, "rank": spec.rank, "targets": spec.targets,
-            "seed": spec.seed, "optimizer": "adamw_torch", "device": "cpu",
-            "trainable_params": 1000 * spec.rank, "eval_loss": eval_loss,
+            "seed": spec.seed, "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
+            "kbit_prep": False, "trainable_params": 1000 * spec.rank, "eval_loss": eval_loss,
             "eval_perplexity": math.exp(eval_loss), "eval_tokens": 10, "train_loss_final": 1.0,
             "exact_match": exact, "exact_match_per_task": {}, "weights_mb": 2.0 if spec.method
             == "lora" else 1.0, "peak_mem_mb": 300.0 if spec.method == "lora" else 250.0,
@@ -236,26 +240,30 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
 def compared(fake_pipeline):
     p, paths = fake_pipeline
     result = cmp.run_compare(p, paths)
-    cmp.write_outputs(result, paths)
+    write_outputs(result, paths)
     return result, paths
 
 
 def test_outputs_exist_with_their_columns(compared):
     result, paths = compared
     r = paths.reports_dir
-    assert list(pd.read_csv(r / "ranks.csv").columns) == cmp.RANK_COLUMNS
-    assert list(pd.read_csv(r / "modules.csv").columns) == cmp.MODULE_COLUMNS
-    assert list(pd.read_csv(r / "layers.csv").columns) == cmp.LAYER_COLUMNS
+    assert list(pd.read_csv(r / "ranks.csv").columns) == list(schemas.RANKS_COLUMNS)
+    assert list(pd.read_csv(r / "modules.csv").columns) == list(schemas.MODULES_COLUMNS)
+    assert list(pd.read_csv(r / "layers.csv").columns) == list(schemas.LAYERS_COLUMNS)
     c = paths.compare_dir
-    assert list(pd.read_csv(c / "pairs.csv").columns) == cmp.PAIRS_COLUMNS
-    assert list(pd.read_csv(c / "per_task.csv").columns) == cmp.PER_TASK_COLUMNS
-    assert list(pd.read_csv(c / "function.csv").columns) == cmp.FUNCTION_COLUMNS
+    assert list(pd.read_csv(c / "pairs.csv").columns) == list(schemas.PAIRS_COLUMNS)
+    assert list(pd.read_csv(c / "per_task.csv").columns) == list(schemas.PER_TASK_COLUMNS)
+    assert list(pd.read_csv(c / "function.csv").columns) == list(schemas.FUNCTION_COLUMNS)
     for name in ("base.json", "transfer.json", "setup.json"):
         assert json.loads((c / name).read_text())
-    for case in (*cmp.BASE_CASES, *cmp.TRANSFER_CASES):
+    for case in (*schemas.BASE_CASES, *schemas.TRANSFER_CASES):
         assert len((c / "generations" / f"{case}.jsonl").read_text().splitlines()) == N_GENERATE
 
     metrics = json.loads((r / "metrics.json").read_text())
+    headline_numbers = json.loads((c / "headline.json").read_text())
+    # metrics.json holds exactly the DVC metrics, in their order; headline.json the rest
+    assert list(metrics) == list(schemas.METRICS_KEYS)
+    assert list(headline_numbers) == list(schemas.HEADLINE_KEYS)
     spec_keys = ["eval_loss_lora", "eval_loss_qlora", "eval_loss_gap", "exact_match_lora",
                  "exact_match_qlora", "token_match_rate", "cos_sim_mean", "subspace_sim_mean",
                  "noise_floor_cos_sim", "peak_mem_mb_lora", "peak_mem_mb_qlora",
@@ -266,9 +274,13 @@ def test_outputs_exist_with_their_columns(compared):
                   "base_eval_loss", "base_eval_loss_quantized", "base_exact_match",
                   "base_exact_match_quantized", "tokens_per_s_lora", "tokens_per_s_qlora",
                   "peak_mem_growth_mb_lora", "peak_mem_growth_mb_qlora"]
-    for key in spec_keys + brief_keys:
+    for key in spec_keys:
         assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), key
-    assert all(isinstance(v, (int, float)) for v in metrics.values()), "flat and numeric"
+    for key in brief_keys:
+        value = headline_numbers[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), key
+    for numbers in (metrics, headline_numbers):
+        assert all(isinstance(v, (int, float)) for v in numbers.values()), "flat and numeric"
 
     ranks = pd.read_csv(r / "ranks.csv")
     assert ranks["rank"].tolist() == [2, 4]
@@ -278,6 +290,7 @@ def test_outputs_exist_with_their_columns(compared):
     assert len(layers) == 2 * 2  # 2 layers x (q_proj, v_proj)
     assert layers[["cos_sim", "norm_residual", "quant_rel_error", "alignment_ceiling"]].notna().all().all()
     setup = json.loads((c / "setup.json").read_text())
+    assert list(setup) == list(schemas.SETUP_KEYS)
     assert setup["dtypes"] == {"base": "float32", "quant_compute": "float32"}
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(setup["versions"])
 
@@ -308,7 +321,7 @@ def test_numbers_from_the_hand_written_runs(compared):
 
 def test_transfer_and_base_numbers_are_finite_and_consistent(compared):
     result, _ = compared
-    for case in cmp.TRANSFER_CASES:
+    for case in schemas.TRANSFER_CASES:
         c = result.transfer["cases"][case]
         assert math.isfinite(c["eval_loss"]) and 0 <= c["exact_match"] <= 1
     cases = result.transfer["cases"]
@@ -327,7 +340,7 @@ def test_kl_of_a_model_with_itself_is_zero_and_hidden_cos_one(fake_pipeline, tin
     p, paths = fake_pipeline
     model = load_base(tiny_base_dir, "float32")
     records = load_split(paths.data_dir / "eval.jsonl")
-    out = cmp.pair_forward_stats(model, model, records, 4, load_tokenizer(tiny_base_dir).pad_token_id,
+    out = fn.pair_forward_stats(model, model, records, 4, load_tokenizer(tiny_base_dir).pad_token_id,
                                  desc="self")
     assert out["kl_mean"] == 0.0
     assert out["hidden_cos_sim"] == pytest.approx(1.0, abs=1e-6)
@@ -342,7 +355,7 @@ def test_attached_adapter_is_removed_again(fake_pipeline, tiny_base_dir):
     model = load_base(tiny_base_dir, "float32")
     ids = torch.tensor([[5, 6, 7, 8]])
     before = model(ids).logits
-    with cmp.attached(model, paths.adapters_dir / run_name("lora", 4, "qv", 42)) as m:
+    with fn.attached(model, paths.adapters_dir / run_name("lora", 4, "qv", 42)) as m:
         assert not torch.allclose(m(ids).logits, before)
     assert torch.equal(model(ids).logits, before)
     assert not any("lora_" in n for n, _ in model.named_parameters())

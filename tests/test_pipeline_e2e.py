@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from qlora_diag.core import schemas
 from qlora_diag.core.config import load_params, run_name
 from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
 from qlora_diag.tools.smoke import SMOKE_PARAMS
@@ -28,10 +29,10 @@ from qlora_diag.tools.smoke import SMOKE_PARAMS
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-HEADLINE_KEYS = ("eval_loss_lora", "eval_loss_qlora", "eval_loss_gap", "exact_match_lora",
-                 "exact_match_qlora", "token_match_rate", "cos_sim_mean", "subspace_sim_mean",
-                 "noise_floor_cos_sim", "peak_mem_mb_lora", "peak_mem_mb_qlora",
-                 "weights_mb_lora", "weights_mb_qlora", "step_time_ratio")
+SPEC_METRIC_KEYS = ("eval_loss_lora", "eval_loss_qlora", "eval_loss_gap", "exact_match_lora",
+                    "exact_match_qlora", "token_match_rate", "cos_sim_mean", "subspace_sim_mean",
+                    "noise_floor_cos_sim", "peak_mem_mb_lora", "peak_mem_mb_qlora",
+                    "weights_mb_lora", "weights_mb_qlora", "step_time_ratio")
 
 
 def expected_runs(p) -> list[str]:
@@ -56,8 +57,9 @@ def test_repro_writes_every_output(project):
         assert (project / "models/adapters" / run / "adapter_model.safetensors").is_file(), run
         assert (project / "reports/train" / run / "run.json").is_file(), run
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    missing = [k for k in HEADLINE_KEYS if k not in metrics]
+    missing = [k for k in SPEC_METRIC_KEYS if k not in metrics]
     assert not missing, missing
+    assert list(metrics) == list(schemas.METRICS_KEYS)
     assert len(pd.read_csv(project / "reports/ranks.csv")) == len(p.sweep.ranks)
     assert len(pd.read_csv(project / "reports/modules.csv")) == 1 + len(p.sweep.targets)
     assert len(pd.read_csv(project / "reports/layers.csv")) > 0
@@ -67,6 +69,40 @@ def test_repro_writes_every_output(project):
         assert marker in report
     for placeholder in ("TODO", "TBD", "[FILL"):
         assert placeholder not in report
+
+
+def test_every_output_has_its_schema(project):
+    """What the real stages wrote matches qlora_diag.core.schemas, which the readers require."""
+    rep = project / "reports"
+    for name, schema in (("quantization.csv", schemas.QUANTIZATION_COLUMNS),
+                         ("ranks.csv", schemas.RANKS_COLUMNS),
+                         ("modules.csv", schemas.MODULES_COLUMNS),
+                         ("layers.csv", schemas.LAYERS_COLUMNS),
+                         ("compare/pairs.csv", schemas.PAIRS_COLUMNS),
+                         ("compare/function.csv", schemas.FUNCTION_COLUMNS),
+                         ("compare/per_task.csv", schemas.PER_TASK_COLUMNS),
+                         ("compare/seeds.csv", schemas.SEEDS_COLUMNS)):
+        assert list(pd.read_csv(rep / name).columns) == list(schema), name
+    for name, schema in (("data.json", schemas.DATA_KEYS),
+                         ("quantization.json", schemas.QUANTIZATION_KEYS),
+                         ("metrics.json", schemas.METRICS_KEYS),
+                         ("compare/headline.json", schemas.HEADLINE_KEYS),
+                         ("compare/setup.json", schemas.SETUP_KEYS)):
+        assert list(json.loads((rep / name).read_text())) == list(schema), name
+    p = load_params(project / "params.yaml")
+    for run in expected_runs(p):
+        assert list(json.loads((rep / "train" / run / "run.json").read_text())) == list(
+            schemas.RUN_KEYS), run
+        for line in (rep / "train" / run / "generations.jsonl").read_text().splitlines():
+            assert list(json.loads(line)) == list(schemas.GENERATION_KEYS), run
+
+
+def test_dvc_shows_only_the_headline_metrics(project):
+    """`dvc exp show` / `dvc metrics show` list reports/metrics.json alone: 15 numbers."""
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    files = {path: m["data"] for rev in shown.values() for path, m in rev["data"].items()}
+    assert list(files) == ["reports/metrics.json"], list(files)
+    assert sorted(files["reports/metrics.json"]) == sorted(schemas.METRICS_KEYS)
 
 
 def test_adapter_loads_on_the_base(project):

@@ -20,9 +20,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from qlora_diag.core import schemas
 from qlora_diag.core.config import params_from_dict, run_name
 from qlora_diag.report import figures as plotting
 from qlora_diag.report import markdown as report
+from qlora_diag.report.inputs import diagnose_inputs, read_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = [2, 4, 8, 16]
@@ -53,6 +55,27 @@ METRICS = {
     "transfer_qlora_merged_exact_match": 0.4375, "transfer_lora_on_quantized_eval_loss": 0.2611,
     "transfer_lora_on_quantized_exact_match": 0.4844,
 }
+
+# The other headline numbers of the compare stage's schema, which the report does not read;
+# they complete metrics.json and compare/headline.json (the seed statistics follow from
+# RUN_EVAL_LOSS).
+NOT_READ = {
+    "n_seeds": 2, "rank": 8, "eval_loss_gap_same_seed": 0.0450, "eval_loss_lora_mean": 0.1835,
+    "eval_loss_lora_std": 0.0247, "eval_loss_qlora_mean": 0.2195, "eval_loss_qlora_std": 0.0375,
+    "eval_loss_seed_spread_lora": 0.0350, "eval_loss_seed_spread_qlora": 0.0530,
+    "exact_match_lora_mean": 0.5625, "exact_match_lora_std": 0.0, "exact_match_qlora_mean": 0.5,
+    "exact_match_qlora_std": 0.0, "same_seed_cos_sim_over_seeds": 0.5312,
+    "step_time_lora_s": 1.21, "step_time_qlora_s": 1.66, "base_kl_mean": 0.1102,
+    "base_hidden_cos_sim": 0.9712, "base_token_match_rate": 0.4211,
+}
+
+
+def write_headline(rep: Path, numbers: dict) -> None:
+    """metrics.json and compare/headline.json, each with the keys of its schema."""
+    complete = {**NOT_READ, **numbers}
+    for path, keys in ((rep / "metrics.json", schemas.METRICS_KEYS),
+                       (rep / "compare" / "headline.json", schemas.HEADLINE_KEYS)):
+        path.write_text(json.dumps({k: complete[k] for k in keys}))
 
 
 def fixture_params(raw_edit=None):
@@ -86,13 +109,13 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
     rep = root / "reports"
     (rep / "compare").mkdir(parents=True)
     m = dict(METRICS if metrics is None else metrics)
-    (rep / "metrics.json").write_text(json.dumps(m))
+    write_headline(rep, m)
 
     gaps = {2: 0.0812, 4: 0.0634, 8: m["eval_loss_gap"], 16: 0.0211}
     ranks = pd.DataFrame([{"rank": r, **_pair_row(i, r, gaps[r])} for i, r in enumerate(RANKS)])
     ranks.to_csv(rep / "ranks.csv", index=False)
     mod_gaps = {"qv": m["eval_loss_gap"], "kv": 0.0297, "attn": 0.0488, "attn_mlp": 0.0925}
-    modules = pd.DataFrame([{"targets": t, **_pair_row(i, 8, mod_gaps[t]),
+    modules = pd.DataFrame([{"targets": t, "rank": 8, **_pair_row(i, 8, mod_gaps[t]),
                              "quality_drop_pct": [6.4, 5.1, 9.8, 17.3][i]}
                             for i, t in enumerate(PRESETS)])
     modules.to_csv(rep / "modules.csv", index=False)
@@ -105,21 +128,24 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
             rows.append({"layer": layer, "module": module, "cos_sim": cos, "rel_frob": 1.1 - cos,
                          "frob_dist": 0.2 * (1.1 - cos), "subspace_sim": 0.45,
                          "norm_lora": 0.21, "norm_qlora": 0.22, "norm_residual": 0.93,
-                         "alignment": 0.02, "alignment_ceiling": 0.12, "quant_rel_error": qerr})
+                         "alignment": 0.02, "alignment_ceiling": 0.12, "quant_rel_error": qerr,
+                         "alignment_qlora": 0.01})
     pd.DataFrame(rows).to_csv(rep / "layers.csv", index=False)
 
     s42 = {m_: run_name(m_, 8, "qv", 42) for m_ in ("lora", "qlora")}
     s1 = {m_: run_name(m_, 8, "qv", 1) for m_ in ("lora", "qlora")}
-    pairs = [("same_seed", s42["lora"], s42["qlora"], m["cos_sim_mean"]),
-             ("same_seed", s1["lora"], s1["qlora"], m["cos_sim_mean"]),
-             ("noise_lora", s42["lora"], s1["lora"], m["noise_floor_cos_sim_lora"]),
-             ("noise_qlora", s42["qlora"], s1["qlora"], m["noise_floor_cos_sim_qlora"]),
-             ("cross_seed", s42["lora"], s1["qlora"], m["cross_seed_cos_sim"])]
-    pd.DataFrame([{"kind": k, "run_a": a, "run_b": b, "cos_sim_mean": c,
-                   "subspace_sim_mean": 0.41, "rel_frob_mean": 1.0} for k, a, b, c in pairs]
+    pairs = [("same_seed", s42["lora"], s42["qlora"], 42, 42, m["cos_sim_mean"]),
+             ("same_seed", s1["lora"], s1["qlora"], 1, 1, m["cos_sim_mean"]),
+             ("noise_lora", s42["lora"], s1["lora"], 42, 1, m["noise_floor_cos_sim_lora"]),
+             ("noise_qlora", s42["qlora"], s1["qlora"], 42, 1, m["noise_floor_cos_sim_qlora"]),
+             ("cross_seed", s42["lora"], s1["qlora"], 42, 1, m["cross_seed_cos_sim"])]
+    pd.DataFrame([{"kind": k, "run_a": a, "run_b": b, "rank": 8, "targets": "qv", "seed_a": sa,
+                   "seed_b": sb, "cos_sim_mean": c, "subspace_sim_mean": 0.41,
+                   "rel_frob_mean": 1.0} for k, a, b, sa, sb, c in pairs]
                  ).to_csv(rep / "compare" / "pairs.csv", index=False)
-    pd.DataFrame([{"task": t, "exact_match_lora": 0.5, "exact_match_qlora": 0.5} for t in TASKS]
-                 ).to_csv(rep / "compare" / "per_task.csv", index=False)
+    pd.DataFrame([{"task": t, "method": method, "run": s42.get(method, ""), "exact_match": 0.5,
+                   "n": 16} for method in ("lora", "qlora", "base", "base_quantized")
+                  for t in TASKS]).to_csv(rep / "compare" / "per_task.csv", index=False)
     (rep / "compare" / "transfer.json").write_text(json.dumps({}))
     (rep / "compare" / "base.json").write_text(json.dumps({}))
     (rep / "compare" / "setup.json").write_text(json.dumps({
@@ -129,7 +155,9 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
         "dtypes": {"base": "float32", "quant_compute": "float32"}, "device": "cpu",
         "cpu_model": "AMD EPYC 7B13", "cpu_count": 2, "threads": 2,
         "versions": {"torch": "2.13.0", "transformers": "4.57.1", "peft": "0.17.1",
-                     "bitsandbytes": "0.48.1"}, "params": params_raw}))
+                     "bitsandbytes": "0.48.1"}, "params": params_raw,
+        "runs": sorted([*s42.values(), *s1.values()]), "forward_batch_size": 8,
+        "eval_loss_recompute_max_abs_diff": 2e-6, "timings_s": {"total_s": 61.0}}))
 
     qrows = []
     for layer in range(N_LAYERS):
@@ -154,8 +182,8 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
         "bytes_per_param_16bit_model": 4.0, "weights_mb_16bit": 513.1, "weights_mb_4bit": 159.2,
         "mb_4bit_by_category": {"packed_4bit": 50.6, "quant_constants": 1.6, "embeddings": 108.0,
                                 "norms": 0.2, "linear_16bit": 0.0, "other": 0.0},
-        "n_params": 134515008, "n_params_quantized": 106168320,
-        "kept_16bit": "model.embed_tokens (Embedding, float32); lm_head (Linear, float32, tied "
+        "n_params": 134515008, "n_params_quantized": 106168320, "shared_tensors": "",
+        "disk_mb_base": 513.2, "disk_mb_quantized": 159.4, "kept_16bit": "model.embed_tokens (Embedding, float32); lm_head (Linear, float32, tied "
                       "to the input embeddings)", "configs": configs}))
     (rep / "data.json").write_text(json.dumps({
         "source": "embedded:probe", "n_available": 384, "max_length": 128, "splits": {
@@ -180,11 +208,20 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                     for s in steps))
             em = dict(zip(TASKS, per_task[seed][method]))
             base_loss = RUN_EVAL_LOSS[(method, seed)]
+            row = _pair_row(2, 8, m["eval_loss_gap"])
             (d / "run.json").write_text(json.dumps({
                 "run": name, "method": method, "rank": 8, "targets": "qv", "seed": seed,
-                "optimizer": "adamw_torch", "device": "cpu", "eval_loss": base_loss,
+                "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
+                "kbit_prep": False, "trainable_params": row["trainable_params"],
+                "eval_loss": base_loss, "eval_perplexity": math.exp(base_loss),
+                "eval_tokens": 371, "train_loss_final": 0.31,
                 "exact_match": float(np.mean(list(em.values()))), "exact_match_per_task": em,
-                "memory_measure": "process peak resident memory (VmHWM, reset at start)"}))
+                "weights_mb": row[f"weights_mb_{method}"],
+                "peak_mem_mb": row[f"peak_mem_mb_{method}"], "peak_mem_growth_mb": 650.0,
+                "memory_measure": "process peak resident memory (VmHWM, reset at start)",
+                "step_time_median_s": row[f"step_time_{method}_s"], "tokens_per_s": 450.0,
+                "timed_steps": 35, "resumed_from_step": 0, "generation_s": 3.1,
+                "wall_s": 48.0}))
             with open(d / "generations.jsonl", "w") as fh:
                 for i in range(64):
                     n_out = MAX_NEW_TOKENS if i < 2 else 5
@@ -203,8 +240,8 @@ def inputs_dir(tmp_path) -> Path:
 @pytest.fixture()
 def loaded(inputs_dir):
     params = params_from_dict(yaml.safe_load((inputs_dir / "params.yaml").read_text()))
-    inputs = report.read_inputs(inputs_dir / "reports", params)
-    return inputs, report.diagnose_inputs(inputs, params), params
+    inputs = read_inputs(inputs_dir / "reports", params)
+    return inputs, diagnose_inputs(inputs, params), params
 
 
 PLACEHOLDERS = ("TODO", "TBD", "[FILL", "FIXME", "XXX", "{", "}")
@@ -297,8 +334,8 @@ def test_readme_summary(loaded):
 
 def _load(root: Path):
     params = params_from_dict(yaml.safe_load((root / "params.yaml").read_text()))
-    inputs = report.read_inputs(root / "reports", params)
-    return inputs, report.diagnose_inputs(inputs, params), params
+    inputs = read_inputs(root / "reports", params)
+    return inputs, diagnose_inputs(inputs, params), params
 
 
 def test_report_says_when_r_star_is_not_found_and_step_times_are_missing(inputs_dir):
@@ -309,7 +346,7 @@ def test_report_says_when_r_star_is_not_found_and_step_times_are_missing(inputs_
     ranks.to_csv(rep / "ranks.csv", index=False)
     metrics = dict(METRICS, step_time_ratio=None, tokens_per_s_lora=None,
                    tokens_per_s_qlora=None)                  # a tiny run: no step timed
-    (rep / "metrics.json").write_text(json.dumps(metrics))
+    write_headline(rep, metrics)
     inputs, diag, params = _load(inputs_dir)
     assert diag.h3.status == "not found in the tested ranks"
     assert "slower" not in {f.key for f in diag.failure_modes}
@@ -320,15 +357,18 @@ def test_report_says_when_r_star_is_not_found_and_step_times_are_missing(inputs_
     _no_placeholder(text)
 
 
-def test_missing_metric_key_is_a_clear_error(inputs_dir):
+@pytest.mark.parametrize("file, key", [("metrics.json", "token_match_rate"),
+                                       ("compare/headline.json", "kl_mean")])
+def test_missing_metric_key_is_a_clear_error(inputs_dir, file, key):
     from qlora_diag.core.errors import UserError
 
-    metrics = dict(METRICS)
-    del metrics["kl_mean"]
-    (inputs_dir / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    path = inputs_dir / "reports" / file
+    numbers = json.loads(path.read_text())
+    del numbers[key]
+    path.write_text(json.dumps(numbers))
     params = params_from_dict(yaml.safe_load((inputs_dir / "params.yaml").read_text()))
-    with pytest.raises(UserError, match=r"metrics.json: missing key\(s\) kl_mean"):
-        report.read_inputs(inputs_dir / "reports", params)
+    with pytest.raises(UserError, match=rf"{file}: missing key\(s\) {key}"):
+        read_inputs(inputs_dir / "reports", params)
 
 
 def test_missing_run_is_a_clear_error(inputs_dir):
@@ -337,7 +377,7 @@ def test_missing_run_is_a_clear_error(inputs_dir):
     raw = fixture_params(lambda r: r["sweep"].update(seeds=[1, 2]))
     params = params_from_dict(raw)
     with pytest.raises(UserError, match=r"lora-r8-qv-s2/run.json: not found"):
-        report.read_inputs(inputs_dir / "reports", params)
+        read_inputs(inputs_dir / "reports", params)
 
 
 def test_figures_are_written(loaded, tmp_path):
@@ -346,7 +386,7 @@ def test_figures_are_written(loaded, tmp_path):
     paths = plotting.make_figures(
         out_dir=tmp_path / "fig", ranks=inputs.ranks, modules=inputs.modules,
         layers=inputs.layers, quant_table=inputs.quant_table,
-        curves=plotting.load_loss_curves(inputs.run_dirs), seed_spread=m["eval_loss_seed_spread"],
+        curves=plotting.load_loss_curves(inputs.run_dirs, inputs.runs), seed_spread=m["eval_loss_seed_spread"],
         cos_threshold=params.compare.cos_threshold, noise_floor_cos_sim=m["noise_floor_cos_sim"],
         memory_measure=inputs.memory_measure, lora_r=params.lora.r)
     assert sorted(paths) == sorted(plotting.FIGURES)
@@ -374,8 +414,8 @@ def test_plot_stage_end_to_end(inputs_dir):
 def test_stage_reads_the_same_numbers_again(inputs_dir):
     """Rendering is deterministic: same inputs, same text."""
     params = params_from_dict(yaml.safe_load((inputs_dir / "params.yaml").read_text()))
-    a = report.read_inputs(inputs_dir / "reports", params)
+    a = read_inputs(inputs_dir / "reports", params)
     b = copy.deepcopy(a)
-    ta = report.render_report(a, report.diagnose_inputs(a, params), params)
-    tb = report.render_report(b, report.diagnose_inputs(b, params), params)
+    ta = report.render_report(a, diagnose_inputs(a, params), params)
+    tb = report.render_report(b, diagnose_inputs(b, params), params)
     assert ta == tb

@@ -18,7 +18,7 @@ from qlora_diag.compare.adapters import (
     compare_adapters,
     load_adapter_factors,
     quantization_alignment,
-    summarize,
+    summarize_adapter_comparison,
 )
 from qlora_diag.core.errors import UserError
 
@@ -168,7 +168,7 @@ def test_compare_zero_update_gives_nan_not_crash():
     row = compare_adapters(a, b, k=2).iloc[0]
     assert math.isnan(row["cos_sim"]) and math.isnan(row["subspace_sim"])
     assert row["rel_frob"] == pytest.approx(1.0)
-    assert math.isnan(summarize(compare_adapters(a, b, k=2))["cos_sim_mean"])
+    assert math.isnan(summarize_adapter_comparison(compare_adapters(a, b, k=2))["cos_sim_mean"])
 
 
 def test_compare_rejects_mismatched_modules_and_bad_k(saved_adapter):
@@ -233,7 +233,7 @@ def test_quantization_alignment_errors():
 def test_summarize():
     df = pd.DataFrame({"cos_sim": [0.2, 0.4, 0.9], "rel_frob": [1.0, 2.0, 6.0],
                        "subspace_sim": [0.1, 0.1, 0.4]})
-    s = summarize(df)
+    s = summarize_adapter_comparison(df)
     assert s["n_modules"] == 3
     assert s["cos_sim_mean"] == pytest.approx(0.5)
     assert s["cos_sim_median"] == pytest.approx(0.4)
@@ -242,4 +242,4 @@ def test_summarize():
     assert s["subspace_sim_mean"] == pytest.approx(0.2)
     assert all(isinstance(v, (int, float)) for v in s.values())
     with pytest.raises(ValueError):
-        summarize(df.drop(columns="subspace_sim"))
+        summarize_adapter_comparison(df.drop(columns="subspace_sim"))

@@ -254,7 +254,7 @@ def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[
     return pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS)
 
 
-def summarize(df: pd.DataFrame) -> dict[str, float]:
+def summarize_adapter_comparison(df: pd.DataFrame) -> dict[str, float]:
     """Headline numbers of a :func:`compare_adapters` table: ``<metric>_{mean,median,min,max}``
     over modules for cos_sim, rel_frob and subspace_sim, plus ``n_modules``.
 
@@ -263,8 +263,8 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     """
     missing = [c for c in SUMMARY_METRICS if c not in df.columns]
     if missing or df.empty:
-        raise ValueError(f"summarize: need a non-empty compare_adapters table; missing columns "
-                         f"{missing}, {len(df)} rows")
+        raise ValueError(f"summarize_adapter_comparison: need a non-empty compare_adapters "
+                         f"table; missing columns {missing}, {len(df)} rows")
     out: dict[str, float] = {"n_modules": int(len(df))}
     for c in SUMMARY_METRICS:
         col = df[c].astype("float64")

@@ -22,15 +22,15 @@ from pathlib import Path
 from qlora_diag.compare.adapters import CONFIG_FILE, WEIGHTS_FILE
 from qlora_diag.core.config import Params
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.schemas import (
+    CROSS_SEED,
+    GENERATION_KEYS,
+    NOISE_LORA,
+    NOISE_QLORA,
+    RUN_KEYS,
+    SAME_SEED,
+)
 from qlora_diag.train.trainer import RunSpec
-
-# run.json keys the comparison reads (training.train_adapter writes these and more).
-RUN_KEYS = ("run", "method", "rank", "targets", "seed", "trainable_params", "eval_loss",
-            "exact_match", "exact_match_per_task", "weights_mb", "peak_mem_mb",
-            "peak_mem_growth_mb", "step_time_median_s", "tokens_per_s")
-GENERATION_KEYS = ("id", "task", "output_ids", "exact_match")
-# The kinds of adapter pairs compared at the weight level (reports/compare/pairs.csv).
-SAME_SEED, NOISE_LORA, NOISE_QLORA, CROSS_SEED = "same_seed", "noise_lora", "noise_qlora", "cross_seed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,8 @@ class RunFiles:
         return self.adapter_dir
 
     def metrics(self) -> dict:
-        """``run.json``, checked for the keys the comparison reads and for its run name."""
+        """``run.json``, checked for every key of its schema
+        (:data:`~qlora_diag.core.schemas.RUN_KEYS`) and for its run name."""
         path = self.report_dir / "run.json"
         if not self.report_dir.is_dir():
             raise self._missing(self.report_dir, "the report directory")

@@ -16,12 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from qlora_diag.core.run_names import parse_run_name  # noqa: E402
+from qlora_diag.core.schemas import quant_config_key  # noqa: E402
 
 FIGSIZE = (8, 4.5)
 DPI = 120
 PALETTE = {"LoRA": "#1f77b4", "QLoRA": "#ff7f0e"}
 METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA"}
+# Short legend labels of the quantization.json configurations.
 CONFIG_LABEL = {"nf4": "NF4", "nf4_dq": "NF4 + DQ", "fp4": "FP4", "fp4_dq": "FP4 + DQ"}
 # Value labels inside a heatmap stay legible up to about this many layers at 8 in wide.
 MAX_ANNOTATED_LAYERS = 12
@@ -156,7 +157,7 @@ def plot_module_sensitivity(modules: pd.DataFrame, seed_spread: float, lora_r: i
 def plot_quantization_error(quant_table: pd.DataFrame, out: Path) -> Path:
     """Mean relative error of W per module type under NF4/FP4 with and without double
     quantization (error bars: one standard deviation over layers)."""
-    d = quant_table.assign(config=[CONFIG_LABEL[f"{t}_dq" if bool(dq) else t]
+    d = quant_table.assign(config=[CONFIG_LABEL[quant_config_key(t, bool(dq))]
                                    for t, dq in zip(quant_table["quant_type"],
                                                     quant_table["double_quant"])])
     order = [c for c in CONFIG_LABEL.values() if c in set(d["config"])]
@@ -171,18 +172,18 @@ def plot_quantization_error(quant_table: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def load_loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
+def load_loss_curves(run_dirs: dict[str, Path], runs: dict[str, dict]) -> pd.DataFrame:
     """dvclive curves ``plots/metrics/{train,eval}/loss.tsv`` of ``{run name: run dir}``, as
-    rows ``run, method, seed, split, step, loss`` (run names are
-    ``<method>-r<rank>-<targets>-s<seed>``)."""
+    rows ``run, method, seed, split, step, loss``; method and seed come from each run's
+    ``run.json`` in ``runs`` (``{run name: run.json}``)."""
     frames = []
-    for name, folder in runs.items():
-        run = parse_run_name(name)
+    for name, folder in run_dirs.items():
+        method, seed = runs[name]["method"], runs[name]["seed"]
         for split in ("train", "eval"):
             tsv = folder / "plots" / "metrics" / split / "loss.tsv"
             df = pd.read_csv(tsv, sep="\t")
-            frames.append(df[["step", "loss"]].assign(run=name, method=METHOD_LABEL[run.method],
-                                                      seed=f"seed {run.seed}", split=split))
+            frames.append(df[["step", "loss"]].assign(run=name, method=METHOD_LABEL[method],
+                                                      seed=f"seed {seed}", split=split))
     return pd.concat(frames, ignore_index=True)
 
 

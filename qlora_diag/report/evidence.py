@@ -1,0 +1,110 @@
+"""The evidence the verdicts and failure modes look at, computed from one run's tables:
+correlations over the sweep, the sweep rows, exact match per task family over the seed runs,
+how many greedy outputs ran into the token limit, and whether the QLoRA update leans towards
+undoing the quantization error.
+
+The yardstick throughout is the seed noise: a LoRA-vs-QLoRA difference counts only when it is
+larger than the difference between two runs of the *same* method that differ only in seed
+(``eval_loss_seed_spread``, ``noise_floor_cos_sim_*``). The seed runs exist at rank ``lora.r``
+and targets ``lora.targets`` only, so that one noise floor is applied to every rank and preset;
+the rules say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+# Fewer points than this give no correlation worth quoting (at n = 3 every ordering is
+# +-1, +-0.5); below it the correlation is reported as undetermined, not as evidence.
+MIN_CORR_POINTS = 4
+# "The QLoRA update leans towards undoing the quantization error" when its alignment with
+# W - deq(Q(W)) reaches at least half of the best cosine any matrix of its rank could reach
+# (the Eckart-Young ceiling); below that most of the update points elsewhere.
+ALIGNED_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Correlation:
+    """Pearson and Spearman correlation of two columns over ``n`` complete rows (nan when
+    n < :data:`MIN_CORR_POINTS` or a column is constant)."""
+
+    x: str
+    y: str
+    n: int
+    pearson: float
+    spearman: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def correlation(df: pd.DataFrame, x: str, y: str) -> Correlation:
+    """Pearson and Spearman (Pearson of average ranks, which is Spearman's rho with ties;
+    pandas' own Spearman needs scipy) of ``df[x]`` and ``df[y]`` over rows where both exist."""
+    d = df[[x, y]].astype("float64").dropna()
+    n = len(d)
+    if n < MIN_CORR_POINTS or d[x].nunique() < 2 or d[y].nunique() < 2:
+        return Correlation(x, y, n, math.nan, math.nan)
+    return Correlation(x, y, n, float(d[x].corr(d[y])),
+                       float(d[x].rank().corr(d[y].rank())))
+
+
+def sweep_rows(ranks: pd.DataFrame, modules: pd.DataFrame, lora_targets: str) -> pd.DataFrame:
+    """The rank-sweep rows plus the module-sweep rows of the *other* presets (the preset
+    ``lora_targets`` at rank lora.r is the same pair of runs as the rank row at lora.r), with a
+    ``label`` column (``r=8``, ``kv``) and the columns the H1 correlation uses."""
+    cols = ["cos_sim_mean", "token_match_rate", "eval_loss_gap"]
+    r = ranks[cols].assign(label=[f"r={int(v)}" for v in ranks["rank"]])
+    m = modules[modules["targets"] != lora_targets]
+    m = m[cols].assign(label=list(m["targets"].astype(str)))
+    out = pd.concat([r, m], ignore_index=True)
+    return out.assign(abs_eval_loss_gap=out["eval_loss_gap"].abs())
+
+
+def task_drop_table(lora_runs: list[dict], qlora_runs: list[dict],
+                   n_per_task: dict[str, int]) -> pd.DataFrame:
+    """Exact match per task family from the runs' ``run.json`` (``exact_match_per_task``):
+    mean over seeds per method, the drop LoRA - QLoRA, and each method's seed spread (max - min
+    over its seeds; 0 with one seed). ``n`` = generated examples of the task."""
+    tasks = sorted(set().union(*(r["exact_match_per_task"] for r in lora_runs + qlora_runs)))
+    rows = []
+    for t in tasks:
+        lo = [r["exact_match_per_task"][t] for r in lora_runs if t in r["exact_match_per_task"]]
+        ql = [r["exact_match_per_task"][t] for r in qlora_runs if t in r["exact_match_per_task"]]
+        rows.append({"task": t, "n": int(n_per_task.get(t, 0)),
+                     "exact_match_lora": float(np.mean(lo)) if lo else math.nan,
+                     "exact_match_qlora": float(np.mean(ql)) if ql else math.nan,
+                     "spread_lora": float(np.ptp(lo)) if lo else math.nan,
+                     "spread_qlora": float(np.ptp(ql)) if ql else math.nan})
+    df = pd.DataFrame(rows, columns=["task", "n", "exact_match_lora", "exact_match_qlora",
+                                     "spread_lora", "spread_qlora"])
+    return df.assign(drop=df["exact_match_lora"] - df["exact_match_qlora"])
+
+
+def max_length_rate(generations: Iterable[dict], max_new_tokens: int) -> float:
+    """Share of greedy outputs that ran into ``max_new_tokens`` without emitting eos
+    (generation strips eos, so a stopped output is strictly shorter than the limit)."""
+    rows = list(generations)
+    if not rows:
+        return math.nan
+    return sum(len(r["output_ids"]) >= max_new_tokens for r in rows) / len(rows)
+
+
+def undoes_quantization_error(alignment_mean: float, alignment_ceiling_mean: float) -> bool:
+    """Whether the QLoRA update leans towards W - deq(Q(W)): alignment at least
+    :data:`ALIGNED_FRACTION` of the rank-r ceiling (False when either is undefined)."""
+    return (alignment_mean > 0 and alignment_ceiling_mean > 0
+            and alignment_mean >= ALIGNED_FRACTION * alignment_ceiling_mean)
+
+
+def alignment_text(alignment_mean: float, alignment_ceiling_mean: float) -> str:
+    """The alignment in words, with its numbers (for the failure modes' causes)."""
+    numbers = (f"cos(ΔW_QLoRA − ΔW_LoRA, W − deq(Q(W))) = {alignment_mean:.3f}, best possible "
+               f"at this rank {alignment_ceiling_mean:.3f}")
+    if undoes_quantization_error(alignment_mean, alignment_ceiling_mean):
+        return f"the QLoRA update leans towards undoing the quantization error ({numbers})"
+    return f"the QLoRA update does not undo the quantization error ({numbers})"

@@ -1,0 +1,221 @@
+"""Reading the plot stage's inputs: every file the earlier stages wrote, checked against its
+schema (:mod:`qlora_diag.core.schemas`; a missing file, column or key is a UserError naming the
+file and what is missing), into one :class:`ReportInputs`, and the verdicts on them
+(:func:`diagnose_inputs`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from qlora_diag.core.config import Params, run_name
+from qlora_diag.core.errors import UserError
+from qlora_diag.core.schemas import (
+    DATA_KEYS,
+    DATA_SPLIT_KEYS,
+    DATA_SPLITS,
+    GENERATION_KEYS,
+    HEADLINE_KEYS,
+    LAYERS_COLUMNS,
+    METRICS_KEYS,
+    MODULES_COLUMNS,
+    PAIRS_COLUMNS,
+    QUANTIZATION_COLUMNS,
+    QUANTIZATION_KEYS,
+    RANKS_COLUMNS,
+    RUN_KEYS,
+    SETUP_KEYS,
+    SETUP_NESTED_KEYS,
+)
+from qlora_diag.report.evidence import max_length_rate, task_drop_table
+from qlora_diag.report.verdicts import Diagnosis, diagnose
+
+
+@dataclasses.dataclass
+class ReportInputs:
+    """Everything the report, the figures and the verdicts read, as loaded from disk."""
+
+    metrics: dict                     # metrics.json and compare/headline.json, nan for null
+    ranks: pd.DataFrame
+    modules: pd.DataFrame
+    layers: pd.DataFrame
+    pairs: pd.DataFrame
+    quant_table: pd.DataFrame
+    quant: dict
+    data: dict
+    setup: dict
+    headline: dict[str, str]          # method -> run name at (lora.r, lora.targets, seed)
+    seed_runs: dict[str, list[str]]   # method -> run names of every seed at lora.r
+    runs: dict[str, dict]             # run name -> run.json
+    run_dirs: dict[str, Path]         # run name -> reports/train/<run>
+    per_task: pd.DataFrame            # evidence.task_drop_table over the seed runs
+    no_stop_rate: dict[str, float]    # method -> share of outputs hitting max_new_tokens
+
+    @property
+    def memory_measure(self) -> str:
+        return self.runs[self.headline["lora"]]["memory_measure"]
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seed_runs["lora"])
+
+    @property
+    def model(self) -> str:
+        return self.setup["model"]["source"]
+
+    @property
+    def base_dtype(self) -> str:
+        return self.setup["dtypes"]["base"]
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.setup["dtypes"]["quant_compute"]
+
+    def headline_run(self, method: str) -> dict:
+        """``run.json`` of the headline-seed run of ``method`` (``lora`` / ``qlora``)."""
+        return self.runs[self.headline[method]]
+
+    def seed_mean(self, method: str, key: str) -> float:
+        """Mean of ``run.json[key]`` over the seed runs of ``method`` at rank lora.r."""
+        return sum(float(self.runs[n][key]) for n in self.seed_runs[method]) / self.n_seeds
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"{path}: not found; it is written by an earlier stage, so run "
+                        "`dvc repro` (the plot stage reads it)")
+    return path
+
+
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    try:
+        obj = json.loads(_need(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); re-create it "
+                        "with `dvc repro -f` of the stage that writes it") from None
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)}; the stage that writes it "
+                        "and the report disagree on its contract")
+    return obj
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    df = pd.read_csv(_need(path))
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has "
+                        f"{', '.join(df.columns)}); the stage that writes it and the report "
+                        "disagree on its contract")
+    if df.empty:
+        raise UserError(f"{path}: has no rows")
+    return df
+
+
+def _check_nested(path: Path, obj: dict, nested: dict[str, tuple[str, ...]]) -> None:
+    """``obj[key]`` holds every key of ``nested[key]``."""
+    for key, inner in nested.items():
+        missing = [k for k in inner if not isinstance(obj[key], dict) or k not in obj[key]]
+        if missing:
+            raise UserError(f"{path}: {key} lacks key(s) {', '.join(missing)}; the stage that "
+                            "writes it and the report disagree on its contract")
+
+
+def _read_setup(path: Path) -> dict:
+    setup = _read_json(path, SETUP_KEYS)
+    _check_nested(path, setup, SETUP_NESTED_KEYS)
+    return setup
+
+
+def _read_data(path: Path) -> dict:
+    data = _read_json(path, DATA_KEYS)
+    _check_nested(path, data, {"splits": DATA_SPLITS})
+    _check_nested(path, data["splits"], {split: DATA_SPLIT_KEYS for split in DATA_SPLITS})
+    return data
+
+
+def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(_need(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {lineno}: not valid JSON ({exc.msg}); re-create it "
+                            "with `dvc repro -f` of the stage that writes it") from None
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"{path} line {lineno}: missing key(s) {', '.join(missing)}; the "
+                            "stage that writes it and the report disagree on its contract")
+        rows.append(row)
+    return rows
+
+
+def _read_headline_numbers(reports: Path) -> dict:
+    """metrics.json and compare/headline.json as one flat dict. JSON has no nan: the compare
+    stage writes an undefined number (e.g. no step timed in a tiny run) as null; here it
+    becomes nan again and prints as "n/a"."""
+    metrics = _read_json(reports / "metrics.json", METRICS_KEYS)
+    headline = _read_json(reports / "compare" / "headline.json", HEADLINE_KEYS)
+    numbers = {k: metrics[k] for k in METRICS_KEYS} | {k: headline[k] for k in HEADLINE_KEYS}
+    return {k: math.nan if v is None else v for k, v in numbers.items()}
+
+
+def run_sets(params: Params) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(headline run per method, every seed run per method at rank lora.r, main seed first)."""
+    seeds = [params.seed, *params.sweep.seeds]
+    headline = {m: run_name(m, params.lora.r, params.lora.targets, params.seed)
+                for m in ("lora", "qlora")}
+    seed_runs = {m: [run_name(m, params.lora.r, params.lora.targets, s) for s in seeds]
+                 for m in ("lora", "qlora")}
+    return headline, seed_runs
+
+
+def read_inputs(reports: Path, params: Params) -> ReportInputs:
+    """Read the outputs under ``reports`` (the repository's ``reports/``) for ``params``."""
+    reports = Path(reports)
+    headline, seed_runs = run_sets(params)
+    names = [n for m in ("lora", "qlora") for n in seed_runs[m]]
+    run_dirs = {n: reports / "train" / n for n in names}
+    runs = {n: _read_json(d / "run.json", RUN_KEYS) for n, d in run_dirs.items()}
+    gens = {n: _read_jsonl(d / "generations.jsonl", GENERATION_KEYS) for n, d in run_dirs.items()}
+    first = gens[headline["lora"]]
+    n_per_task = pd.Series([r["task"] for r in first]).value_counts().to_dict()
+    per_task = task_drop_table([runs[n] for n in seed_runs["lora"]],
+                               [runs[n] for n in seed_runs["qlora"]], n_per_task)
+    no_stop = {m: max_length_rate([r for n in seed_runs[m] for r in gens[n]],
+                                  params.compare.max_new_tokens) for m in ("lora", "qlora")}
+    metrics = _read_headline_numbers(reports)
+    ranks = _read_csv(reports / "ranks.csv", RANKS_COLUMNS).sort_values("rank", ignore_index=True)
+    return ReportInputs(
+        metrics=metrics, ranks=ranks,
+        modules=_read_csv(reports / "modules.csv", MODULES_COLUMNS),
+        layers=_read_csv(reports / "layers.csv", LAYERS_COLUMNS),
+        pairs=_read_csv(reports / "compare" / "pairs.csv", PAIRS_COLUMNS),
+        quant_table=_read_csv(reports / "quantization.csv", QUANTIZATION_COLUMNS),
+        quant=_read_json(reports / "quantization.json", QUANTIZATION_KEYS),
+        data=_read_data(reports / "data.json"),
+        setup=_read_setup(reports / "compare" / "setup.json"),
+        headline=headline, seed_runs=seed_runs, runs=runs, run_dirs=run_dirs,
+        per_task=per_task, no_stop_rate=no_stop)
+
+
+def diagnose_inputs(inputs: ReportInputs, params: Params) -> Diagnosis:
+    """:func:`qlora_diag.report.verdicts.diagnose` on the loaded inputs."""
+    return diagnose(
+        metrics=inputs.metrics, ranks=inputs.ranks, modules=inputs.modules,
+        layers=inputs.layers, per_task=inputs.per_task,
+        native_lora=inputs.headline_run("lora"), native_qlora=inputs.headline_run("qlora"),
+        eval_loss_lora_mean=inputs.seed_mean("lora", "eval_loss"),
+        eval_loss_qlora_mean=inputs.seed_mean("qlora", "eval_loss"),
+        gradient_checkpointing=params.train.kbit_prep,
+        no_stop_rate_lora=inputs.no_stop_rate["lora"],
+        no_stop_rate_qlora=inputs.no_stop_rate["qlora"],
+        reference_tokens_p95=float(inputs.data["splits"]["eval"]["tokens"]["response"]["p95"]),
+        memory_measure=inputs.memory_measure, cos_threshold=params.compare.cos_threshold,
+        lora_r=params.lora.r, lora_targets=params.lora.targets,
+        max_new_tokens=params.compare.max_new_tokens)
