@@ -126,7 +126,10 @@ def test_noise_floor_pairs_are_exactly_the_expected_ones():
     by_kind = {}
     for ap in pairs:
         by_kind.setdefault(ap.kind, set()).add((ap.a.name, ap.b.name))
-    n = lambda m, s: run_name(m, 4, "qv", s)
+
+    def n(method: str, seed: int) -> str:
+        return run_name(method, 4, "qv", seed)
+
     assert by_kind["noise_lora"] == {(n("lora", 1), n("lora", 42)), (n("lora", 7), n("lora", 42)),
                                      (n("lora", 7), n("lora", 1))}
     assert by_kind["noise_qlora"] == {(n("qlora", 1), n("qlora", 42)),

@@ -103,7 +103,8 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 def test_malformed_json_names_line_and_column(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"instruction": "x", "output": "y"},\n  {"instruction": "x",,}\n]\n')
-    with pytest.raises(UserError, match=r"bad\.json line 3 column 23: not valid JSON \(Expecting property name"):
+    with pytest.raises(UserError,
+                       match=r"bad\.json line 3 column 23: not valid JSON \(Expecting property name"):
         load_examples(str(path), 3, seed=0)
 
 

@@ -225,8 +225,11 @@ def test_lockfile_command_checks_and_recovers(tmp_path):
     (root / LAST_GOOD).parent.mkdir(parents=True)
     (root / LAST_GOOD).write_bytes(tiny_lock("base"))
     (root / LOCK).write_bytes(b"")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "qlora_diag.core.lockfile", *args],
-                                       cwd=root, capture_output=True, text=True)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qlora_diag.core.lockfile", *args],
+                              cwd=root, capture_output=True, text=True)
+
     p = run()
     assert p.returncode == 2 and p.stderr.startswith("error: dvc.lock is empty (0 bytes)"), p.stderr
     p = run("--recover")

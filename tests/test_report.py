@@ -183,7 +183,8 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
         "mb_4bit_by_category": {"packed_4bit": 50.6, "quant_constants": 1.6, "embeddings": 108.0,
                                 "norms": 0.2, "linear_16bit": 0.0, "other": 0.0},
         "n_params": 134515008, "n_params_quantized": 106168320, "shared_tensors": "",
-        "disk_mb_base": 513.2, "disk_mb_quantized": 159.4, "kept_16bit": "model.embed_tokens (Embedding, float32); lm_head (Linear, float32, tied "
+        "disk_mb_base": 513.2, "disk_mb_quantized": 159.4,
+        "kept_16bit": "model.embed_tokens (Embedding, float32); lm_head (Linear, float32, tied "
                       "to the input embeddings)", "configs": configs}))
     (rep / "data.json").write_text(json.dumps({
         "source": "embedded:probe", "n_available": 384, "max_length": 128, "splits": {
@@ -386,7 +387,8 @@ def test_figures_are_written(loaded, tmp_path):
     paths = plotting.make_figures(
         out_dir=tmp_path / "fig", ranks=inputs.ranks, modules=inputs.modules,
         layers=inputs.layers, quant_table=inputs.quant_table,
-        curves=plotting.load_loss_curves(inputs.run_dirs, inputs.runs), seed_spread=m["eval_loss_seed_spread"],
+        curves=plotting.load_loss_curves(inputs.run_dirs, inputs.runs),
+        seed_spread=m["eval_loss_seed_spread"],
         cos_threshold=params.compare.cos_threshold, noise_floor_cos_sim=m["noise_floor_cos_sim"],
         memory_measure=inputs.memory_measure, lora_r=params.lora.r)
     assert sorted(paths) == sorted(plotting.FIGURES)

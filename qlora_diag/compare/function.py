@@ -95,7 +95,8 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
         outs = []
         for model, head in ((model_a, head_a), (model_b, head_b)):
             dev = _device(model)
-            h, y = response_hidden(model, *(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")),
+            inputs = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
+            h, y = response_hidden(model, *inputs,
                                    share_prefix=True)
             outs.append((h.float().cpu(), head(h).float().cpu()))
         (ha, la), (hb, lb) = outs

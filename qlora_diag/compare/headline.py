@@ -143,9 +143,9 @@ def headline_numbers(rank: int, lora: dict, qlora: dict, seed_runs: list[tuple[d
     (:func:`noise_aware_gap`). ``noise_floor_cos_sim*`` and ``cross_seed_cos_sim`` are means over
     pairs of ``pairs.csv`` of each pair's mean cosine over modules.
     """
-    gap = noise_aware_gap([l["eval_loss"] for l, _ in seed_runs],
+    gap = noise_aware_gap([lo["eval_loss"] for lo, _ in seed_runs],
                           [q["eval_loss"] for _, q in seed_runs])
-    em_l = seed_stats([l["exact_match"] for l, _ in seed_runs])
+    em_l = seed_stats([lo["exact_match"] for lo, _ in seed_runs])
     em_q = seed_stats([q["exact_match"] for _, q in seed_runs])
     seed_qlora = {q["run"] for _, q in seed_runs}
 

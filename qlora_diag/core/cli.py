@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.logs import quiet_known_library_noise

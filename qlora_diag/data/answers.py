@@ -8,7 +8,7 @@ its own unit table; it shares only ``CAPITALS`` and ``SYMBOLS``, which *define* 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from qlora_diag.data.probe import CAPITALS, SYMBOLS, TASKS
 

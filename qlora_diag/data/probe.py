@@ -14,7 +14,7 @@ with its own parsing and its own unit table; it shares only the two lookup table
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 TASKS = ("arithmetic", "multiply", "reverse", "sort", "case", "count", "convert", "extract",
          "capital", "symbol")

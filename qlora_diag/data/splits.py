@@ -53,7 +53,10 @@ def split_examples(examples: list[dict], n_train: int, n_eval: int,
                 eval_idx.append(q.pop(0))
     taken = set(eval_idx)
     train_idx = [i for i in order if i not in taken][:n_train]
-    tag = lambda i: {"id": f"{i:0{width}d}", **examples[i]}
+
+    def tag(i: int) -> dict:
+        return {"id": f"{i:0{width}d}", **examples[i]}
+
     return [tag(i) for i in train_idx], [tag(i) for i in eval_idx]
 
 

@@ -30,7 +30,8 @@ import functools
 import itertools
 import math
 import statistics as _stdlib_statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ import dataclasses
 import difflib
 import re
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qlora_diag.core.config.choices import (
     EMBEDDED_DATA,

@@ -8,8 +8,9 @@ rather than restating it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qlora_diag.core.config.checks import show
 from qlora_diag.core.errors import UserError
