@@ -70,7 +70,7 @@ from qlora_diag.core.machine import (
 from qlora_diag.data.batching import collate
 from qlora_diag.data.prepare import load_split
 from qlora_diag.models.loading import load_tokenizer
-from qlora_diag.models.quantization import quantization_residuals
+from qlora_diag.models.quantization.per_module import quantization_residuals
 from qlora_diag.train.generation import (
     exact_match_summary,
     generate_greedy,
