@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import bitsandbytes.functional as bnbf
+import pandas as pd
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from qlora_diag.models.quantization.roundtrip import (
     relative_frobenius_error,
 )
 from qlora_diag.models.quantization.save import quantize_and_save
+from qlora_diag.models.quantization.summary import quantization_metrics, summary_table
 from qlora_diag.models.targets import linear_module_names
 
 
@@ -195,3 +197,34 @@ def test_error_table_rows_and_nf4_beats_fp4(tiny_model):
     fp4 = df[(df.quant_type == "fp4") & ~df.double_quant].set_index("name")
     assert (nf4["rel_frob_error"] < fp4["rel_frob_error"]).all()
     assert (df["cosine"] > 0.98).all() and (df["cosine"] < 1).all()
+
+
+def test_summary_weights_bits_by_parameters_and_picks_the_chosen_config():
+    """Two matrices of 100 and 300 parameters under two configurations: errors and cosines are
+    plain means over matrices, bits per parameter are taken over all parameters together."""
+    rows = [("a", "q_proj", "nf4", False, 100, 0.1, 0.99, 4.5),
+            ("b", "v_proj", "nf4", False, 300, 0.3, 0.97, 4.6),
+            ("a", "q_proj", "nf4", True, 100, 0.2, 0.98, 4.2),
+            ("b", "v_proj", "nf4", True, 300, 0.4, 0.96, 4.1)]
+    table = pd.DataFrame([dict(zip(("name", "module", "quant_type", "double_quant", "n_params",
+                                    "rel_frob_error", "cosine", "bits_per_param"), r), layer=0)
+                          for r in rows])
+    per_config = summary_table(table)
+    assert list(per_config.index) == ["nf4", "nf4_dq"]
+    assert per_config.loc["nf4", "bits_per_param_measured"] == pytest.approx((450 + 1380) / 400)
+    assert per_config.loc["nf4_dq", "bits_per_param_measured"] == pytest.approx((420 + 1230) / 400)
+    assert per_config.loc["nf4", "rel_frob_error_mean"] == pytest.approx(0.2)
+    assert per_config.loc["nf4_dq", "bits_per_param_paper"] == pytest.approx(4.127, abs=1e-3)
+
+    storage = {"bytes": {"packed_4bit": 2**20}, "total_bytes": 2**21, "n_params": 400,
+               "bytes_per_param": 0.6, "quantized_bytes_per_param": 0.55,
+               "n_params_quantized": 400, "shared": ["x = y"]}
+    m = quantization_metrics(table, {**storage, "bytes_per_param": 2.0}, storage,
+                             quant_type="nf4", double_quant=True)
+    assert m["rel_frob_error_mean"] == pytest.approx(0.3)  # the chosen nf4_dq, not nf4
+    assert m["cosine_mean"] == pytest.approx(0.97)
+    assert m["bits_per_param_measured"] == pytest.approx(1650 / 400)
+    assert m["weights_mb_4bit"] == 2.0 and m["mb_4bit_by_category"] == {"packed_4bit": 1.0}
+    assert m["bytes_per_param_16bit_model"] == 2.0 and m["shared_tensors"] == "x = y"
+    assert m["configs"]["nf4"]["modules"]["v_proj"] == {"rel_frob_error_mean": 0.3,
+                                                       "cosine_mean": 0.97}

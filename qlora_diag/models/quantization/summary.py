@@ -35,8 +35,8 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("config")
 
 
-def quantization_metrics(table: pd.DataFrame, storage_16bit: dict, storage_4bit: dict, quant_type: str,
-              double_quant: bool) -> dict:
+def quantization_metrics(table: pd.DataFrame, storage_16bit: dict, storage_4bit: dict,
+                         quant_type: str, double_quant: bool) -> dict:
     """The ``reports/quantization.json`` metrics: the chosen configuration's headline numbers,
     storage of the 16-bit and the saved 4-bit model (MB = 2**20 bytes), and per configuration
     the mean error and cosine overall and per module type."""
