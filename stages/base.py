@@ -8,7 +8,7 @@ from pathlib import Path
 from qlora_diag.core.atomic import write_json
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
-from qlora_diag.models.loading import materialize_base
+from qlora_diag.models.loading import BASE_INFO, materialize_base
 from qlora_diag.models.targets import check_against_model
 
 OUT = "models/base"
@@ -17,7 +17,7 @@ OUT = "models/base"
 def main() -> None:
     params = load_params("params.yaml")
     info = materialize_base(params.base.model, OUT, dtype=params.base.dtype)
-    write_json(f"{OUT}/base_info.json", info)
+    write_json(Path(OUT) / BASE_INFO, info)
     check_against_model(params, Path(OUT))  # fail now, not when the first bad run starts
     print(f"base: {info['source']} -> {OUT} ({info['n_params'] / 1e6:.1f} M parameters, "
           f"{info['dtype']})")

@@ -1,7 +1,7 @@
 """`make bench`: the performance benchmark of issue 6 -> reports/bench.json and a table on stdout.
 
 Runs on the pipeline's own outputs (models/base, models/quantized, data/prepared); see
-qlora_diag/tools/bench.py for what is measured and how.
+qlora_diag/tools/bench/ (its __init__) for what is measured and how.
 """
 from qlora_diag.core.cli import exit_quietly_while_loading
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.core.machine import configure_threads
-from qlora_diag.tools.bench import format_table, run_bench
+from qlora_diag.tools.bench.run import format_table, run_bench
 
 OUT = Path("reports/bench.json")
 

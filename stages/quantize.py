@@ -11,13 +11,12 @@ from qlora_diag.core.atomic import atomic_file, write_json
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.models.loading import load_base
-from qlora_diag.models.quantization import (
+from qlora_diag.models.quantization.per_module import model_storage, weight_error_table
+from qlora_diag.models.quantization.save import quantize_and_save
+from qlora_diag.models.quantization.summary import (
     dir_size_mb,
-    model_storage,
-    quantize_and_save,
-    summarize,
+    quantization_metrics,
     summary_table,
-    weight_error_table,
 )
 
 BASE = "models/base"
@@ -33,7 +32,7 @@ def main() -> None:
     table = weight_error_table(base, blocksize=info["blocksize"])
     with atomic_file("reports/quantization.csv") as fh:
         table.to_csv(fh, index=False, float_format="%.6g")
-    metrics = summarize(table, model_storage(base), info["storage"],
+    metrics = quantization_metrics(table, model_storage(base), info["storage"],
                         quant_type=params.quant.type, double_quant=params.quant.double_quant)
     metrics |= {"kept_16bit": "; ".join(info["kept_16bit"]),
                 "disk_mb_base": dir_size_mb(BASE), "disk_mb_quantized": dir_size_mb(OUT)}

@@ -14,10 +14,8 @@ import torch
 
 from qlora_diag.core.config import BenchCfg, load_params
 from qlora_diag.core.errors import UserError
-from qlora_diag.tools.bench import (
+from qlora_diag.tools.bench.measures import (
     GOALS,
-    check_inputs,
-    format_table,
     goal_status,
     matmul_params,
     median_rate,
@@ -25,9 +23,9 @@ from qlora_diag.tools.bench import (
     paired_roofline,
     roofline_fraction,
     rotated,
-    run_bench,
     train_flops_per_token,
 )
+from qlora_diag.tools.bench.run import check_inputs, format_table, run_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +110,7 @@ def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """What `dvc repro base prepare quantize` leaves, for the tiny model."""
     from qlora_diag.data.splits import prepare_dataset
     from qlora_diag.models.loading import load_tokenizer
-    from qlora_diag.models.quantization import quantize_and_save
+    from qlora_diag.models.quantization.save import quantize_and_save
 
     root = tmp_path_factory.mktemp("bench")
     prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,

@@ -202,7 +202,8 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
     """models/, data/, reports/ as `dvc repro` would leave them before compare, for tiny_params."""
     from qlora_diag.data.splits import load_split, prepare_dataset
     from qlora_diag.models.loading import load_base, load_tokenizer
-    from qlora_diag.models.quantization import quantize_and_save, weight_error_table
+    from qlora_diag.models.quantization.per_module import weight_error_table
+    from qlora_diag.models.quantization.save import quantize_and_save
 
     p = tiny_params()
     root = tmp_path_factory.mktemp("compare")

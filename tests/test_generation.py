@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from qlora_diag.tools.bench import generate_one_at_a_time
+from qlora_diag.tools.bench.generation import generate_one_at_a_time
 from qlora_diag.train.generation import generate_greedy
 from qlora_diag.train.prefix_sharing import build_prefix_tree
 

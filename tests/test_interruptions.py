@@ -45,7 +45,7 @@ import pytest
 from qlora_diag.core.config import run_name
 from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
 from qlora_diag.tools.smoke import SMOKE_PARAMS
-from qlora_diag.train.trainer import checkpoint_step
+from qlora_diag.train.checkpoints import checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -270,15 +270,30 @@ def read_table(path: Path) -> list[dict]:
     return [{k: num(v) for k, v in r.items() if k != "timestamp"} for r in rows]
 
 
-def assert_same_adapter(got: Path, want: Path) -> None:
+def assert_same_adapter(got_project: Path, want_project: Path, adapter: str, trained_on: str) -> None:
+    """The adapter directory ``adapter`` of both projects holds the same files with the same
+    bytes, each project's own location replaced by a placeholder: an adapter records its base
+    as an absolute path (``base_model_name_or_path`` and the model card, so that
+    ``AutoPeftModelForCausalLM`` loads it from any directory), and the two projects are two
+    scratch directories. Equal up to that path, a rerun in one directory writes equal bytes, so
+    DVC sees an unchanged dependency and downstream stages stay cached. The recorded base is
+    ``trained_on`` (the model directory the run trained on) of the project itself."""
     import torch
     from safetensors.torch import load_file
 
-    assert (got / "adapter_config.json").read_bytes() == (want / "adapter_config.json").read_bytes()
+    got, want = got_project / adapter, want_project / adapter
     g, w = load_file(got / "adapter_model.safetensors"), load_file(want / "adapter_model.safetensors")
     assert g.keys() == w.keys()
     for name in w:
         torch.testing.assert_close(g[name], w[name], rtol=0, atol=0, msg=name)
+    files = sorted(p.relative_to(want) for p in want.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file())
+    for rel in files:
+        assert ((got / rel).read_bytes().replace(str(got_project.resolve()).encode(), b"<project>")
+                == (want / rel).read_bytes().replace(str(want_project.resolve()).encode(),
+                                                     b"<project>")), rel
+    base = json.loads((got / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((got_project / trained_on).resolve())
 
 
 def assert_same_run_report(got: Path, want: Path) -> None:
@@ -308,9 +323,9 @@ def assert_stage_matches(stage: str, got: Path, want: Path) -> None:
     if stage.startswith(("train_", "seeds_", "modules_")):
         adapter = next(o for o in outs if o.startswith("models/adapters/"))
         report = next(o for o in outs if o.startswith("reports/train/"))
-        assert_same_adapter(got / adapter, want / adapter)
-        # the same bytes, so DVC sees an unchanged dependency and downstream stages stay cached
-        assert lock_outs(got)[stage][adapter] == outs[adapter]
+        method = json.loads((want / report / "run.json").read_text())["method"]
+        assert_same_adapter(got, want, adapter,
+                            "models/quantized" if method == "qlora" else "models/base")
         assert_same_run_report(got / report, want / report)
     elif stage == "compare":
         assert_same_json(json.loads((got / "reports/metrics.json").read_text()),

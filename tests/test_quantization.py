@@ -4,10 +4,27 @@ from __future__ import annotations
 import math
 
 import bitsandbytes.functional as bnbf
+import pandas as pd
 import pytest
 import torch
 
-from qlora_diag.models import quantization as q
+from qlora_diag.models.quantization.per_module import (
+    model_storage,
+    quantization_residuals,
+    weight_error_table,
+)
+from qlora_diag.models.quantization.roundtrip import (
+    QUANT_CONFIGS,
+    cosine,
+    double_quantize,
+    measured_bits_per_param,
+    paper_bits_per_param,
+    quant_roundtrip,
+    quant_state_bytes,
+    relative_frobenius_error,
+)
+from qlora_diag.models.quantization.save import quantize_and_save
+from qlora_diag.models.quantization.summary import quantization_metrics, summary_table
 from qlora_diag.models.targets import linear_module_names
 
 
@@ -31,16 +48,16 @@ def _representable(quant_type: str, scales: list[float]) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_representable_weight_has_zero_error(quant_type):
     w = _representable(quant_type, [2.0 ** -k for k in range(3, 11)])
-    w_hat = q.quant_roundtrip(w, quant_type, double_quant=False)
+    w_hat = quant_roundtrip(w, quant_type, double_quant=False)
     assert torch.equal(w_hat, w)
-    assert q.relative_frobenius_error(w, w_hat) == 0.0
-    assert q.cosine(w, w_hat) == pytest.approx(1.0, abs=1e-12)
+    assert relative_frobenius_error(w, w_hat) == 0.0
+    assert cosine(w, w_hat) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_double_quant_exact_when_all_blocks_share_absmax():
     # absmax - mean(absmax) is all zeros, which 8-bit quantization keeps exactly.
     w = _representable("nf4", [0.25] * 8)
-    assert torch.equal(q.quant_roundtrip(w, "nf4", double_quant=True), w)
+    assert torch.equal(quant_roundtrip(w, "nf4", double_quant=True), w)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -50,7 +67,7 @@ def test_error_scales_with_block_absmax(quant_type):
     z = torch.randn(64, generator=torch.Generator().manual_seed(1))
     scales = torch.tensor([2.0 ** k for k in range(-6, 2)])
     w = z[None, :] * scales[:, None]
-    err = w - q.quant_roundtrip(w, quant_type, double_quant=False)
+    err = w - quant_roundtrip(w, quant_type, double_quant=False)
     torch.testing.assert_close(err / scales[:, None], err[:1].expand_as(err) / scales[0],
                                rtol=0, atol=0)
     # rounding to the nearest code value: |error| <= absmax * (largest gap between codes) / 2
@@ -63,8 +80,8 @@ def test_outlier_raises_error_of_its_block_only():
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 0.02
     spiked = w.clone()
     spiked[0, 5] = 1.0  # one outlier sets block 0's absmax 50 sigma out
-    err_w = (w - q.quant_roundtrip(w, "nf4", False)).norm(dim=1)
-    err_s = (spiked - q.quant_roundtrip(spiked, "nf4", False)).norm(dim=1)
+    err_w = (w - quant_roundtrip(w, "nf4", False)).norm(dim=1)
+    err_s = (spiked - quant_roundtrip(spiked, "nf4", False)).norm(dim=1)
     assert err_s[0] > 5 * err_w[0]
     torch.testing.assert_close(err_s[1:], err_w[1:], rtol=0, atol=0)
 
@@ -76,38 +93,38 @@ def test_double_quantize_equals_bitsandbytes(quant_type):
     packed_dq, ref = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True,
                                         quant_type=quant_type)
     assert torch.equal(packed, packed_dq)  # double quantization never touches the 4-bit codes
-    mine = q.double_quantize(plain)
+    mine = double_quantize(plain)
     assert mine == ref and torch.equal(mine.absmax, ref.absmax)
     assert torch.equal(bnbf.dequantize_4bit(packed, mine), bnbf.dequantize_4bit(packed_dq, ref))
 
 
 def test_cosine_and_relative_error_known_values():
     w = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
-    assert q.cosine(w, w) == pytest.approx(1.0, abs=1e-12)
-    assert q.cosine(w, -3 * w) == pytest.approx(-1.0, abs=1e-12)
+    assert cosine(w, w) == pytest.approx(1.0, abs=1e-12)
+    assert cosine(w, -3 * w) == pytest.approx(-1.0, abs=1e-12)
     e1, e2 = torch.zeros(2, 2), torch.zeros(2, 2)
     e1[0, 0], e2[1, 1] = 1.0, 1.0
-    assert q.cosine(e1, e2) == 0.0
-    assert q.relative_frobenius_error(w, w) == 0.0
-    assert q.relative_frobenius_error(w, torch.zeros_like(w)) == pytest.approx(1.0)
-    assert q.relative_frobenius_error(w, 2 * w) == pytest.approx(1.0)
-    assert math.isnan(q.relative_frobenius_error(torch.zeros(3), torch.ones(3)))
+    assert cosine(e1, e2) == 0.0
+    assert relative_frobenius_error(w, w) == 0.0
+    assert relative_frobenius_error(w, torch.zeros_like(w)) == pytest.approx(1.0)
+    assert relative_frobenius_error(w, 2 * w) == pytest.approx(1.0)
+    assert math.isnan(relative_frobenius_error(torch.zeros(3), torch.ones(3)))
     with pytest.raises(ValueError):
-        q.cosine(w, w.t())
+        cosine(w, w.t())
 
 
 @pytest.mark.parametrize("double_quant, paper", [(False, 4.5), (True, 4 + 8 / 64 + 32 / 16384)])
 def test_bits_per_param_matches_paper_accounting(double_quant, paper):
-    assert q.paper_bits_per_param(double_quant) == pytest.approx(paper, abs=1e-12)
+    assert paper_bits_per_param(double_quant) == pytest.approx(paper, abs=1e-12)
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(4))  # 16 x 64*256
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
                                        quant_type="nf4")
-    parts = q.quant_state_bytes(packed, state)
+    parts = quant_state_bytes(packed, state)
     books = parts["quant_map"] + parts.get("nested_quant_map", 0) + parts.get("nested_offset", 0)
     per_param = {k: 8 * v / w.numel() for k, v in parts.items()}
     assert per_param["packed"] == 4.0
     assert per_param["absmax"] == (8 / 64 if double_quant else 32 / 64)
-    measured = q.measured_bits_per_param(w, "nf4", double_quant)
+    measured = measured_bits_per_param(w, "nf4", double_quant)
     assert measured - 8 * books / w.numel() == pytest.approx(paper, abs=1e-12)
     assert measured == pytest.approx(paper, abs=0.04)  # code books: 64 B (+1 KiB) per matrix
 
@@ -115,7 +132,7 @@ def test_bits_per_param_matches_paper_accounting(double_quant, paper):
 def test_bits_per_param_counts_partial_blocks():
     # 100 values = 2 blocks of 64: two absmax constants for 100 parameters, not 100/64.
     w = torch.randn(100)
-    assert q.measured_bits_per_param(w, "nf4", False) == pytest.approx(
+    assert measured_bits_per_param(w, "nf4", False) == pytest.approx(
         (50 * 8 + 2 * 32 + 16 * 32) / 100)
 
 
@@ -123,8 +140,8 @@ def test_save_load_round_trip(tiny_base_dir, tmp_path):
     from qlora_diag.models.loading import load_base, load_quantized
 
     out = tmp_path / "quantized"
-    info = q.quantize_and_save(tiny_base_dir, out, quant_type="nf4", double_quant=True,
-                               compute_dtype="bfloat16")
+    info = quantize_and_save(tiny_base_dir, out, quant_type="nf4", double_quant=True,
+                             compute_dtype="bfloat16")
     assert (out / "quant_info.json").is_file() and (out / "tokenizer.json").is_file()
     kept = " ".join(info["kept_16bit"])
     assert "model.embed_tokens" in kept and "lm_head" in kept and "input_layernorm" in kept
@@ -148,27 +165,27 @@ def test_save_load_round_trip(tiny_base_dir, tmp_path):
     assert type(model.lm_head).__name__ == "Linear"
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
 
-    residuals = q.quantization_residuals(base, model)
+    residuals = quantization_residuals(base, model)
     assert list(residuals) == names
     for name, res in residuals.items():
         w = base.get_submodule(name).weight
         assert res.shape == w.shape and res.dtype == torch.float32
-        deq = q.quant_roundtrip(w, "nf4", double_quant=True).to(torch.bfloat16).float()
+        deq = quant_roundtrip(w, "nf4", double_quant=True).to(torch.bfloat16).float()
         torch.testing.assert_close(res, w.float() - deq, rtol=0, atol=0)
 
-    storage = q.model_storage(model)
+    storage = model_storage(model)
     n_lin = sum(base.get_submodule(n).weight.numel() for n in names)
     assert storage["n_params_quantized"] == n_lin
-    assert storage["n_params"] == q.model_storage(base)["n_params"]
+    assert storage["n_params"] == model_storage(base)["n_params"]
     assert storage["bytes"]["packed_4bit"] == n_lin // 2
     assert storage["bytes"]["linear_16bit"] == 0
-    assert q.model_storage(base)["bytes_per_param"] == 2.0
+    assert model_storage(base)["bytes_per_param"] == 2.0
 
 
 def test_error_table_rows_and_nf4_beats_fp4(tiny_model):
-    df = q.weight_error_table(tiny_model)
+    df = weight_error_table(tiny_model)
     names = linear_module_names(tiny_model)
-    assert len(df) == len(names) * len(q.QUANT_CONFIGS)
+    assert len(df) == len(names) * len(QUANT_CONFIGS)
     assert not df.duplicated(["name", "quant_type", "double_quant"]).any()
     assert set(df["module"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj"}
@@ -180,3 +197,34 @@ def test_error_table_rows_and_nf4_beats_fp4(tiny_model):
     fp4 = df[(df.quant_type == "fp4") & ~df.double_quant].set_index("name")
     assert (nf4["rel_frob_error"] < fp4["rel_frob_error"]).all()
     assert (df["cosine"] > 0.98).all() and (df["cosine"] < 1).all()
+
+
+def test_summary_weights_bits_by_parameters_and_picks_the_chosen_config():
+    """Two matrices of 100 and 300 parameters under two configurations: errors and cosines are
+    plain means over matrices, bits per parameter are taken over all parameters together."""
+    rows = [("a", "q_proj", "nf4", False, 100, 0.1, 0.99, 4.5),
+            ("b", "v_proj", "nf4", False, 300, 0.3, 0.97, 4.6),
+            ("a", "q_proj", "nf4", True, 100, 0.2, 0.98, 4.2),
+            ("b", "v_proj", "nf4", True, 300, 0.4, 0.96, 4.1)]
+    table = pd.DataFrame([dict(zip(("name", "module", "quant_type", "double_quant", "n_params",
+                                    "rel_frob_error", "cosine", "bits_per_param"), r), layer=0)
+                          for r in rows])
+    per_config = summary_table(table)
+    assert list(per_config.index) == ["nf4", "nf4_dq"]
+    assert per_config.loc["nf4", "bits_per_param_measured"] == pytest.approx((450 + 1380) / 400)
+    assert per_config.loc["nf4_dq", "bits_per_param_measured"] == pytest.approx((420 + 1230) / 400)
+    assert per_config.loc["nf4", "rel_frob_error_mean"] == pytest.approx(0.2)
+    assert per_config.loc["nf4_dq", "bits_per_param_paper"] == pytest.approx(4.127, abs=1e-3)
+
+    storage = {"bytes": {"packed_4bit": 2**20}, "total_bytes": 2**21, "n_params": 400,
+               "bytes_per_param": 0.6, "quantized_bytes_per_param": 0.55,
+               "n_params_quantized": 400, "shared": ["x = y"]}
+    m = quantization_metrics(table, {**storage, "bytes_per_param": 2.0}, storage,
+                             quant_type="nf4", double_quant=True)
+    assert m["rel_frob_error_mean"] == pytest.approx(0.3)  # the chosen nf4_dq, not nf4
+    assert m["cosine_mean"] == pytest.approx(0.97)
+    assert m["bits_per_param_measured"] == pytest.approx(1650 / 400)
+    assert m["weights_mb_4bit"] == 2.0 and m["mb_4bit_by_category"] == {"packed_4bit": 1.0}
+    assert m["bytes_per_param_16bit_model"] == 2.0 and m["shared_tensors"] == "x = y"
+    assert m["configs"]["nf4"]["modules"]["v_proj"] == {"rel_frob_error_mean": 0.3,
+                                                       "cosine_mean": 0.97}

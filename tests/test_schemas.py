@@ -85,7 +85,7 @@ def test_metrics_and_headline_split_every_number_once():
 
 
 def test_quant_config_keys_are_the_quantize_stage_labels():
-    from qlora_diag.models.quantization import config_label
+    from qlora_diag.models.quantization.summary import config_label
 
     for quant_type in ("nf4", "fp4"):
         for double_quant in (False, True):
@@ -97,7 +97,7 @@ def test_quant_config_keys_are_the_quantize_stage_labels():
 
 def test_quantize_table_has_the_schema_columns(tiny_base_dir):
     from qlora_diag.models.loading import load_base
-    from qlora_diag.models.quantization import weight_error_table
+    from qlora_diag.models.quantization.per_module import weight_error_table
 
     table = weight_error_table(load_base(tiny_base_dir, "float32"))
     assert list(table.columns) == list(schemas.QUANTIZATION_COLUMNS)

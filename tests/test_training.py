@@ -14,6 +14,7 @@ import torch
 from qlora_diag.core.config import LoraCfg, TrainCfg
 from qlora_diag.core.errors import UserError
 from qlora_diag.data.batching import IGNORE, collate, training_order
+from qlora_diag.train.checkpoints import latest_complete_checkpoint
 from qlora_diag.train.losses import evaluate_loss, response_loss_sum
 from qlora_diag.train.memory import choose_backend
 from qlora_diag.train.trainer import (
@@ -21,7 +22,6 @@ from qlora_diag.train.trainer import (
     RunSpec,
     attach_lora,
     choose_optimizer,
-    latest_complete_checkpoint,
     train_adapter,
 )
 
@@ -44,7 +44,7 @@ def tiny_pipeline(tmp_path_factory, tiny_base_dir):
     """A prepared tiny data set and a quantized tiny model, as the stages would leave them."""
     from qlora_diag.data.splits import prepare_dataset
     from qlora_diag.models.loading import load_tokenizer
-    from qlora_diag.models.quantization import quantize_and_save
+    from qlora_diag.models.quantization.save import quantize_and_save
 
     root = tmp_path_factory.mktemp("pipe")
     tok = load_tokenizer(tiny_base_dir)
@@ -111,7 +111,7 @@ def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
     """Without dropout, sharing prefixes changes neither the loss nor the adapter's gradient
     (the shared activations collect the gradient of every row that uses them)."""
     from qlora_diag.models.loading import load_base, load_quantized
-    from qlora_diag.models.quantization import quantize_and_save
+    from qlora_diag.models.quantization.save import quantize_and_save
 
     if method == "qlora":
         quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
@@ -151,7 +151,7 @@ def test_qlora_gradient_is_unchanged_by_an_evaluation_in_between(tiny_base_dir, 
     after an evaluation would then get wrong gradients through the base layers. Our loader keeps
     every Linear4bit on the differentiable path, so an evaluation must not change the gradient."""
     from qlora_diag.models.loading import load_quantized
-    from qlora_diag.models.quantization import quantize_and_save
+    from qlora_diag.models.quantization.save import quantize_and_save
 
     quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
                       compute_dtype="bfloat16")
@@ -249,6 +249,12 @@ def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_b
     assert (report / "plots/metrics/train/loss.tsv").is_file() and not (report / "plots/metrics/loss.tsv").exists()
     assert (report / "plots/metrics/eval/loss.tsv").is_file()
     assert not (tmp_path / "a/ckpt" / spec.name).exists(), "checkpoints are removed when done"
+    # Identical runs on one base write the same bytes, so DVC sees an unchanged output: weights,
+    # config (sorted sets, the recorded base) and model card.
+    a, b = tmp_path / "a/adapter", tmp_path / "b/adapter"
+    assert sorted(f.name for f in a.iterdir()) == sorted(f.name for f in b.iterdir())
+    for f in a.iterdir():
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
     # The saved adapter reproduces the logged eval loss on a fresh base.
     tok = load_tokenizer(tiny_base_dir)
     model = PeftModel.from_pretrained(load_base(tiny_base_dir, "bfloat16"), tmp_path / "a/adapter")
@@ -312,10 +318,10 @@ def test_save_adapter_writes_set_valued_config_fields_sorted(tiny_model, tmp_pat
     """PEFT keeps target_modules as a set and writes list(set), whose order follows the
     process's string-hash seed: identical runs would give adapters with different bytes (and
     DVC hashes). Seven modules: an unsorted order survives by chance with p = 1/5040."""
-    from qlora_diag.train.trainer import save_adapter
+    from qlora_diag.train.outputs import save_adapter
 
     model = attach_lora(tiny_model, rank=2, alpha=4, dropout=0.0, targets="attn_mlp", seed=0)
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a", str(tmp_path / "base"))
     saved = json.loads((tmp_path / "a/adapter_config.json").read_text())
     assert saved["target_modules"] == sorted(model.peft_config["default"].target_modules)
     assert len(saved["target_modules"]) == 7
@@ -349,7 +355,7 @@ def _steps(tsv):
 def test_restore_live_dir_keeps_rows_up_to_the_checkpoint(tmp_path):
     from dvclive import Live
 
-    from qlora_diag.train.trainer import restore_live_dir
+    from qlora_diag.train.checkpoints import restore_live_dir
 
     live_dir = _live_dir(tmp_path / "live", 5)
     restore_live_dir(live_dir, 4)
@@ -367,7 +373,7 @@ def test_restore_live_dir_repairs_files_torn_by_a_kill(tmp_path):
     summary and params files truncated. The resumed Live must start, with each step once."""
     from dvclive import Live
 
-    from qlora_diag.train.trainer import restore_live_dir
+    from qlora_diag.train.checkpoints import restore_live_dir
 
     live_dir = _live_dir(tmp_path / "live", 4)
     train_tsv = live_dir / "plots/metrics/train/loss.tsv"

@@ -14,7 +14,7 @@ import torch
 from qlora_diag.compare.adapters import load_adapter_factors, quantization_alignment
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import LAYERS_COLUMNS, QUANTIZATION_COLUMNS
-from qlora_diag.models.quantization import quantization_residuals
+from qlora_diag.models.quantization.per_module import quantization_residuals
 
 
 def _module_subset(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
@@ -76,7 +76,7 @@ def headline_layers(base, quant, lora_dir: Path, qlora_dir: Path, compare: pd.Da
 
     Must run before any forward pass of ``quant``: on AVX512-BF16 CPUs bitsandbytes repacks
     4-bit weights in place on the first no-grad forward, after which they no longer dequantize
-    exactly (:func:`~qlora_diag.models.quantization.dequantized_weight` refuses them).
+    exactly (:func:`~qlora_diag.models.quantization.per_module.dequantized_weight` refuses them).
     """
     f_lora, f_qlora = load_adapter_factors(lora_dir), load_adapter_factors(qlora_dir)
     names = list(f_lora)

@@ -65,7 +65,7 @@ from qlora_diag.compare.runs import (
     rank_pairs,
     run_files,
 )
-from qlora_diag.core.config import Params, require_eval_examples
+from qlora_diag.core.config import Params
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import (
     choose_device,
@@ -79,6 +79,7 @@ from qlora_diag.core.schemas import (
 )
 from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_tokenizer
+from qlora_diag.train.generation import generation_examples
 from qlora_diag.train.trainer import GenerationCfg, load_method_base
 
 
@@ -192,9 +193,8 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
     _require(paths.quant_dir, "the 4-bit base model", "quantize")
     _require(paths.data_dir / "eval.jsonl", "the prepared eval split", "prepare")
     eval_records = load_split(paths.data_dir / "eval.jsonl")
-    require_eval_examples("compare.n_generate", gen.n_generate, len(eval_records),
-                          paths.data_dir / "eval.jsonl")
-    gen_records = eval_records[: gen.n_generate]
+    gen_records = generation_examples(eval_records, gen.n_generate, key="compare.n_generate",
+                                      path=paths.data_dir / "eval.jsonl")
     quant_errors = load_quant_errors(paths.quant_csv, p.quant.type, p.quant.double_quant)
     ranks, presets, head = rank_pairs(p), preset_pairs(p), headline_pair(p)
     seed_pairs = [Pair(*(dataclasses.replace(x, seed=s) for x in (head.lora, head.qlora)))

@@ -102,3 +102,12 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (rounded to 0.01), None where the OS has none: how
+    busy the machine was while something was timed."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from qlora_diag.core.config import (
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import resolve_dtype, torch_dtype
 
+# Facts about models/base ({"source": base.model, "model_type", "class", "dtype", "n_params"}),
+# written next to it by the base stage from :func:`materialize_base`'s return value.
+BASE_INFO = "base_info.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -103,7 +107,7 @@ def _load_source(spec: str, dtype: torch.dtype):
             raise UserError(f"base.model = {spec!r}: cannot load the model in this directory "
                             f"({_first_line(exc)}); it must hold a causal LM and its tokenizer "
                             "as written by save_pretrained()") from exc
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]:
+    if looks_like_path(spec):
         raise UserError(f"base.model = {spec!r}: no such directory; give a local model "
                         f"directory, a hub id such as openai-community/gpt2-medium, or one of "
                         f"{', '.join(EMBEDDED_MODELS)}")
@@ -117,6 +121,38 @@ def _load_source(spec: str, dtype: torch.dtype):
             f"from the Hugging Face hub or the local cache ({_first_line(exc)}). If this machine "
             f"is offline, use an embedded model ({', '.join(EMBEDDED_MODELS)}) or a local "
             "directory; otherwise check the id.") from None
+
+
+def looks_like_path(spec: str) -> bool:
+    """A ``base.model`` that can only mean a local directory: it starts with ``.``, ``/`` or
+    ``~``, or has a path separator after the ``owner/`` of a hub id."""
+    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``base.model`` names a Hugging Face hub model, decided as :func:`materialize_base`
+    decides it: not embedded, no local directory of that name, not path-like."""
+    return (not spec.startswith("embedded:") and not Path(spec).expanduser().exists()
+            and not looks_like_path(spec))
+
+
+def base_model_reference(model_dir: str | Path) -> str:
+    """What an adapter trained on ``model_dir`` records as its base (PEFT's
+    ``base_model_name_or_path``), so that ``AutoPeftModelForCausalLM.from_pretrained(adapter)``
+    loads that base from any working directory.
+
+    The hub id when ``model_dir`` is a materialized hub model (its :data:`BASE_INFO` names the
+    source): the same weights, and a name that does not depend on where the project lives.
+    Otherwise the absolute path of ``model_dir``: an embedded or local base, or the 4-bit model
+    of the ``quantize`` stage, whose ``config.json`` carries the quantization config, so QLoRA's
+    adapter comes back on the 4-bit base it was trained against, not on the 16-bit one.
+    """
+    info = Path(model_dir) / BASE_INFO
+    if info.is_file():
+        source = json.loads(info.read_text()).get("source")
+        if isinstance(source, str) and is_hub_id(source):
+            return source
+    return str(Path(model_dir).resolve())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,8 +19,11 @@ many outputs differ).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from qlora_diag.core.config import require_eval_examples
 from qlora_diag.data.answers import exact_match
 from qlora_diag.train.losses import decoder_parts
 from qlora_diag.train.prefix_sharing import (
@@ -129,6 +132,18 @@ def generate_greedy(model, prompts: list[list[int]], *, max_new_tokens: int, bat
             out[i] = o
     model.train(was_training)
     return out
+
+
+def generation_examples(records: list[dict], n: int, *, key: str, path: Path) -> list[dict]:
+    """The first ``n`` eval ``records`` (read from ``path``), the examples greedy evaluation
+    generates answers for; ``n`` (the value of ``key``) beyond the split is a :class:`UserError`."""
+    require_eval_examples(key, n, len(records), path)
+    return records[:n]
+
+
+def prompt_ids(records: list[dict]) -> list[list[int]]:
+    """The prompt tokens of each record (its first ``n_prompt`` ids)."""
+    return [r["input_ids"][: r["n_prompt"]] for r in records]
 
 
 def generation_records(records: list[dict], outputs: list[list[int]], tokenizer) -> list[dict]:

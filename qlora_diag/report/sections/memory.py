@@ -12,7 +12,7 @@ from qlora_diag.report.tables import md_table, row_at
 # The quoted memory model (RESEARCH.md): full fine-tuning ~ 12 bytes/param; the adapter term
 # 24·k·r·d bytes is 12 bytes per trainable adapter parameter (A and B hold 2·k·r·d of them).
 # The 16-bit term 2p is the same number as
-# qlora_diag.models.quantization.QUOTED_BYTES_PER_PARAM_16BIT; it is not imported from there
+# qlora_diag.models.quantization.per_module.QUOTED_BYTES_PER_PARAM_16BIT; it is not imported from there
 # because that module loads bitsandbytes (~10 s per plot run). The QLoRA term 0.52p and the
 # paper's bits/param are read from reports/quantization.json.
 QUOTED_FULL_FT_BYTES_PER_PARAM = 12
