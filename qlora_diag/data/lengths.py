@@ -47,7 +47,9 @@ def truncation_warning(splits: dict, max_length: int, max_share: float) -> str |
     """One paragraph for stderr when a split's share of truncated examples exceeds
     ``max_share`` (``data.max_truncated_share``), else None. ``splits`` is the ``splits``
     mapping of the prepare stats (``n``, ``n_truncated``, ``truncated_share``,
-    ``nearest_rank_p95.total`` per split)."""
+    ``nearest_rank_p95.total`` and ``untruncated.total.max`` per split). The suggested length
+    is the larger of the splits' 95th percentiles of untruncated lengths, or the longest
+    example when that percentile already fits (possible only for ``max_share`` below 5 %)."""
     over = {name: s for name, s in splits.items() if s["truncated_share"] > max_share}
     if not over:
         return None

@@ -3,6 +3,8 @@
 A prepared split is a JSON-lines file; each line holds ``id, task, instruction, input, output,
 prompt, input_ids, n_prompt, truncated``. The loss is taken on positions ``>= n_prompt`` only
 (the response and its eos token), so the adapters learn to answer, not to copy the template.
+Each split holds exactly the number of examples the params ask for: an example whose prompt
+fills ``data.max_length`` is replaced before splitting ends, never dropped after it (issue 15).
 """
 from __future__ import annotations
 
