@@ -97,6 +97,15 @@ def test_unknown_top_level_key_and_missing_section():
 def test_missing_key_names_its_type():
     assert only(problems_after(("train.lr", DELETE))) == \
         "train.lr: missing; add it to params.yaml (a number)"
+    assert only(problems_after(("compare.max_new_tokens", DELETE))) == \
+        "compare.max_new_tokens: missing; add it to params.yaml (an integer or 'auto')"
+
+
+@pytest.mark.parametrize("value", ["auto", 1, 300])
+def test_max_new_tokens_is_a_number_or_auto(value):
+    raw = copy.deepcopy(REAL)
+    raw["compare"]["max_new_tokens"] = value
+    assert params_from_dict(raw).compare.max_new_tokens == value
 
 
 def test_empty_section():
@@ -123,6 +132,17 @@ def test_empty_section():
     ("sweep.ranks", [2, "4"], "sweep.ranks = [2, '4']: must be a list of integers"),
     ("sweep.ranks", 8, "sweep.ranks = 8: must be a list of integers"),
     ("seed", "42", "seed = '42': must be an integer (remove the quotes)"),
+    ("compare.max_new_tokens", "16", "compare.max_new_tokens = '16': must be an integer or "
+                                     "'auto' (remove the quotes)"),
+    ("compare.max_new_tokens", "Auto", "compare.max_new_tokens = 'Auto': must be an integer or "
+                                       "'auto' (did you mean 'auto'?)"),
+    ("compare.max_new_tokens", 16.5, "compare.max_new_tokens = 16.5: must be an integer or "
+                                     "'auto'"),
+    ("compare.max_new_tokens", True, "compare.max_new_tokens = True: must be an integer or "
+                                     "'auto'"),
+    ("compare.max_new_tokens", None, "compare.max_new_tokens = None: must be an integer or "
+                                     "'auto' (the value is empty)"),
+    ("data.max_truncated_share", "5%", "data.max_truncated_share = '5%': must be a number"),
 ])
 def test_wrong_type(key, value, message):
     assert only(problems_after((key, value))) == message
@@ -153,7 +173,9 @@ def test_long_values_are_abbreviated():
     ("train.warmup_steps", -1, "must be >= 0"),
     ("train.threads", -2, "must be >= 0 (0 = all cores)"),
     ("compare.cos_threshold", 1.5, "must be in (0, 1]"),
-    ("compare.max_new_tokens", 0, "must be a positive integer"),
+    ("compare.max_new_tokens", 0, "must be a positive integer or auto"),
+    ("data.max_truncated_share", 1.5, "must be in [0, 1] (a share of a split's examples)"),
+    ("data.max_truncated_share", -0.1, "must be in [0, 1]"),
     ("compare.gen_batch_size", 0, "must be a positive integer"),
     ("bench.steps", 0, "must be a positive integer"),
     ("seed", -1, "a seed must be in 0 .. 4294967295"),
@@ -254,8 +276,8 @@ def test_relations(edits, message):
 
 
 def test_eval_split_rule_on_the_prepared_split():
-    """compare.n_generate <= data.n_eval again, against the prepared eval split, which holds
-    fewer examples when prepare dropped some (training, compare and bench call this)."""
+    """compare.n_generate <= data.n_eval again, against the prepared eval split, which may come
+    from other params (training, compare and bench call this)."""
     eval_file = Path("data/prepared/eval.jsonl")
     require_eval_examples("compare.n_generate", 47, 47, eval_file)  # all of them: fine
     with pytest.raises(UserError) as exc:
@@ -408,7 +430,7 @@ def test_every_field_has_a_docstring():
             if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                     and isinstance(after.value.value, str) and after.value.value.strip()):
                 undocumented.append(f"{cls.name}.{stmt.target.id}")
-    assert undocumented == [] and n_fields == leaves == 41
+    assert undocumented == [] and n_fields == leaves == 42
 
 
 # --- command line -----------------------------------------------------------------------------

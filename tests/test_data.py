@@ -1,5 +1,6 @@
 """Data sources, errors on bad input, the split, tokenization with a response-only mask."""
 import json
+import re
 
 import pytest
 
@@ -269,28 +270,63 @@ def test_prepare_dataset_probe(tiny_tokenizer, tmp_path):
     assert (again / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()
 
 
-def test_prepare_counts_truncated_and_dropped(tiny_tokenizer, tmp_path):
+def test_prepare_replaces_long_prompts_and_counts_truncated(tiny_tokenizer, tmp_path):
+    """6 examples with a short prompt and a long answer, 6 whose prompt alone fills max_length:
+    a 4 + 2 split takes the 6 that fit (replacing each long prompt it draws) and cuts each
+    answer; before issue 15 the long prompts were dropped after the split, leaving fewer."""
     long_prompt = "word " * 60
-    records = [{"instruction": "Say hi.", "output": "hi " * 40}] * 6 + \
+    records = [{"instruction": f"Say hi {i}.", "output": "hi " * 40} for i in range(6)] + \
               [{"instruction": long_prompt, "output": "x"}] * 6
     path = write_json(tmp_path / "d.json", records)
-    stats = prepare_dataset(source=path, n_train=8, n_eval=4, max_length=48, seed=0,
+    stats = prepare_dataset(source=path, n_train=4, n_eval=2, max_length=48, seed=0,
                             tokenizer=tiny_tokenizer, out_dir=tmp_path / "out")
     splits = stats["splits"]
-    assert splits["train"]["n_dropped"] + splits["eval"]["n_dropped"] == 6
-    assert splits["train"]["n_truncated"] + splits["eval"]["n_truncated"] == 6
-    assert splits["train"]["n"] + splits["eval"]["n"] == 6
-    for r in load_split(tmp_path / "out" / "train.jsonl"):
+    assert (splits["train"]["n"], splits["eval"]["n"]) == (4, 2)
+    assert splits["train"]["n_truncated"] == 4 and splits["eval"]["n_truncated"] == 2
+    assert splits["train"]["truncated_share"] == splits["eval"]["truncated_share"] == 1.0
+    # the walk stops once both splits are full, so it may not reach every long prompt
+    assert 1 <= splits["train"]["n_dropped"] + splits["eval"]["n_dropped"] <= 6
+    rows = load_split(tmp_path / "out" / "train.jsonl") + load_split(tmp_path / "out" / "eval.jsonl")
+    assert sorted(r["instruction"] for r in rows) == [f"Say hi {i}." for i in range(6)]
+    for r in rows:
         assert len(r["input_ids"]) == 48 and r["truncated"]
 
 
-def test_prepare_all_dropped_names_max_length_and_writes_nothing(tiny_tokenizer, tmp_path):
+def test_prepare_too_few_fit_names_the_numbers_and_writes_nothing(tiny_tokenizer, tmp_path):
+    """7 of 12 prompts fit in 48 tokens, 10 are needed; the error says so and names the
+    max_length at which 10 fit -- and that length does work, one less does not."""
+    short = [{"instruction": f"Say hi {i}.", "output": "hi"} for i in range(7)]
+    # prompts of growing length, all longer than 48 tokens
+    long = [{"instruction": "word " * (40 + 10 * k), "output": "x"} for k in range(5)]
+    path = write_json(tmp_path / "d.json", short + long)
     out = tmp_path / "prepared"
-    with pytest.raises(UserError, match=r"data.max_length = 16: every prompt of the train split .* "
-                                        r"shortest has \d+ tokens.* all 10 examples were dropped"):
-        prepare_dataset(source="embedded:probe", n_train=10, n_eval=5, max_length=16, seed=0,
+    with pytest.raises(UserError) as exc:
+        prepare_dataset(source=path, n_train=7, n_eval=3, max_length=48, seed=0,
                         tokenizer=tiny_tokenizer, out_dir=out)
-    assert not out.exists()
+    msg = str(exc.value)
+    assert msg.startswith("data.max_length = 48: only 7 of the 12 examples of data.source have a "
+                          "prompt shorter than that")
+    assert "data.n_train + data.n_eval = 7 + 3 = 10 are needed" in msg
+    assert "lower data.n_train + data.n_eval to at most 7" in msg and "\n" not in msg
+    enough = int(re.search(r"Raise data.max_length to at least (\d+) \(then 10 fit\)",
+                           msg).group(1))
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["d.json"]
+    with pytest.raises(UserError, match=rf"data.max_length = {enough - 1}: only 9 of the 12"):
+        prepare_dataset(source=path, n_train=7, n_eval=3, max_length=enough - 1, seed=0,
+                        tokenizer=tiny_tokenizer, out_dir=out)
+    stats = prepare_dataset(source=path, n_train=7, n_eval=3, max_length=enough, seed=0,
+                            tokenizer=tiny_tokenizer, out_dir=out)
+    assert (stats["splits"]["train"]["n"], stats["splits"]["eval"]["n"]) == (7, 3)
+
+
+def test_probe_too_long_for_max_length_fails_before_writing(tiny_tokenizer, tmp_path):
+    """embedded:probe generates exactly n_train + n_eval examples: nothing to replace with."""
+    out = tmp_path / "prepared"
+    with pytest.raises(UserError, match=r"data.max_length = 16: only 0 of the 15 examples .* "
+                                        r"7 \+ 8 = 15 are needed.*Raise data.max_length to at "
+                                        r"least \d+ \(then 15 fit\)"):
+        prepare_dataset(source="embedded:probe", n_train=7, n_eval=8, max_length=16, seed=0,
+                        tokenizer=tiny_tokenizer, out_dir=out)
     assert list(tmp_path.iterdir()) == []
 
 

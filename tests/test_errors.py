@@ -153,7 +153,7 @@ def test_gpt2_cannot_express_split_qkv_presets(tiny_gpt2, preset):
     with pytest.raises(UserError) as exc:
         resolve_targets(tiny_gpt2, preset)
     assert str(exc.value) == (
-        f"lora.targets = {preset!r}: architecture 'gpt2' cannot express this preset (e.g. GPT-2 "
+        f"lora.targets = {preset!r}: architecture 'gpt2' cannot express this preset (GPT-2 "
         "fuses Q, K and V in c_attn); presets it supports: attn, attn_mlp, all_linear")
 
 
@@ -164,6 +164,54 @@ def test_gpt2_attn_resolves_and_adapts_attention_only(tiny_gpt2):
     adapted = {".".join(n.split(".lora_A")[0].split(".")[-2:])
                for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"attn.c_attn", "attn.c_proj"}, adapted
+
+
+PHI3 = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3():
+    """Phi-3's layout: self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj, mlp.down_proj."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3))
+
+
+@pytest.mark.parametrize("preset", ["qv", "kv"])
+def test_phi3_cannot_express_split_qkv_presets(tiny_phi3, preset):
+    with pytest.raises(UserError) as exc:
+        resolve_targets(tiny_phi3, preset)
+    assert str(exc.value) == (
+        f"lora.targets = {preset!r}: architecture 'phi3' cannot express this preset (Phi-3 fuses "
+        "Q, K and V in qkv_proj, and gate and up in gate_up_proj); presets it supports: attn, "
+        "attn_mlp, all_linear")
+
+
+@pytest.mark.parametrize("preset, modules", [
+    ("attn", {"qkv_proj", "o_proj"}),
+    ("attn_mlp", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    ("all_linear", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+])
+def test_phi3_presets_adapt_the_fused_modules(tiny_phi3, preset, modules):
+    model = attach_lora(copy.deepcopy(tiny_phi3), rank=4, alpha=8, dropout=0.0, targets=preset,
+                        seed=0)
+    adapted = [n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n]
+    assert {n.split(".")[-1] for n in adapted} == modules
+    assert len(adapted) == 2 * len(modules)  # in each of the 2 layers
+
+
+def test_phi3_check_architecture_from_its_config(tmp_path):
+    transformers.Phi3Config(**PHI3).save_pretrained(tmp_path)
+    check_architecture(tmp_path, lora_targets="attn", lora_r=8, ranks=[2, 8],
+                       sweep_targets=["attn_mlp"])
+    with pytest.raises(ParamsError) as exc:
+        check_architecture(tmp_path, lora_targets="qv", lora_r=8, ranks=[2, 8],
+                           sweep_targets=["kv", "attn_mlp"])
+    assert [p.split(":")[0] for p in exc.value.problems] == ["lora.targets = 'qv'",
+                                                             "sweep.targets = 'kv'"]
+    assert all("architecture 'phi3' cannot express" in p for p in exc.value.problems)
 
 
 def test_rank_up_to_the_smallest_adapted_dimension(tiny_gpt2):
@@ -181,7 +229,7 @@ def test_architecture_problems_reports_every_run_at_once(tiny_gpt2):
     assert problems == [
         "sweep.ranks contains 64: larger than the smallest dimension (32) of the layers adapted "
         "by 'attn'; a LoRA rank above it adds nothing, use at most 32",
-        "sweep.targets = 'qv': architecture 'gpt2' cannot express this preset (e.g. GPT-2 fuses "
+        "sweep.targets = 'qv': architecture 'gpt2' cannot express this preset (GPT-2 fuses "
         "Q, K and V in c_attn); presets it supports: attn, attn_mlp, all_linear",
         "sweep.targets = 'c_fc,c_atn': module name(s) c_atn match no linear layer of this gpt2 "
         "model; its linear layers end in: c_attn, c_fc, c_proj",

@@ -192,7 +192,11 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                     "tasks": {t: n // len(TASKS) for t in TASKS},
                     "tokens": {"prompt": {"mean": 48.2, "p50": 47.0, "p95": 61.0, "max": 70},
                                "response": {"mean": 5.3, "p50": 5.0, "p95": 11.0, "max": 15},
-                               "total": {"mean": 53.5, "p50": 52.0, "p95": 70.0, "max": 84}}}
+                               "total": {"mean": 53.5, "p50": 52.0, "p95": 70.0, "max": 84}},
+                    "truncated_share": 0.0,
+                    "untruncated": {"response": {"mean": 5.3, "p50": 5.0, "p95": 11.0, "max": 15},
+                                    "total": {"mean": 53.5, "p50": 52.0, "p95": 70.0, "max": 84}},
+                    "nearest_rank_p95": {"response": 11, "total": 70}}
             for split, n in (("train", 320), ("eval", 64))}}))
 
     per_task = {42: {"lora": [0.625, 0.5, 0.75, 0.375], "qlora": [0.625, 0.5, 0.375, 0.5]},

@@ -18,7 +18,8 @@ from __future__ import annotations
 # reports/data.json: what the prepared splits hold (DVC output of `prepare`).
 DATA_KEYS = ("source", "n_available", "max_length", "splits")
 # reports/data.json["splits"]["train" | "eval"]
-DATA_SPLIT_KEYS = ("n", "n_dropped", "n_truncated", "tasks", "tokens")
+DATA_SPLIT_KEYS = ("n", "n_dropped", "n_truncated", "tasks", "tokens", "truncated_share", "untruncated",
+                   "nearest_rank_p95")
 DATA_SPLITS = ("train", "eval")
 
 # ---------------------------------------------------------------------------------------------

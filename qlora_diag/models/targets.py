@@ -25,9 +25,21 @@ _GPT2 = {
     "attn_mlp": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "all_linear": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
 }
+# Phi-3 (and Phi-3.5, Phi-4 mini: model_type phi3) fuses Q, K and V in qkv_proj and the gate
+# and up projections in gate_up_proj (transformers' modeling_phi3), so it has no q_proj to pair
+# with v_proj either.
+_PHI3 = {
+    "attn": ["qkv_proj", "o_proj"],
+    "attn_mlp": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "all_linear": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
 PRESET_MODULES = {model_type: _LLAMA for model_type in
-                  ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo")}
+                  ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")}
 PRESET_MODULES["gpt2"] = _GPT2
+PRESET_MODULES["phi3"] = _PHI3
+# Why an architecture lacks a preset, for the error message.
+FUSED = {"gpt2": "GPT-2 fuses Q, K and V in c_attn",
+         "phi3": "Phi-3 fuses Q, K and V in qkv_proj, and gate and up in gate_up_proj"}
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -55,8 +67,8 @@ def resolve_targets(model: torch.nn.Module, targets: str, key: str = "lora.targe
                             f"{suffixes}")
         if targets not in table:
             raise UserError(f"{key} = {targets!r}: architecture {model_type!r} cannot express "
-                            f"this preset (e.g. GPT-2 fuses Q, K and V in c_attn); presets it "
-                            f"supports: {', '.join(table)}")
+                            f"this preset ({FUSED[model_type]}); presets it supports: "
+                            f"{', '.join(table)}")
         names = table[targets]
     else:
         names = targets.split(",")

@@ -48,7 +48,7 @@ class PeakMemory:
         self._max = 0
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         proc = psutil.Process()
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)

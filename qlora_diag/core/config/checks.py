@@ -89,6 +89,11 @@ def positive(v: int) -> str | None:
     return None if v >= 1 else "must be a positive integer"
 
 
+def positive_or_auto(v: int | str) -> str | None:
+    """For keys of type ``int | Literal["auto"]``: the type check has let only those through."""
+    return None if v == "auto" or v >= 1 else "must be a positive integer or auto"
+
+
 def non_negative(v: float) -> str | None:
     return None if v >= 0 else "must be >= 0"
 

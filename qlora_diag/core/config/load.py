@@ -184,6 +184,10 @@ def _finite(value: float) -> bool:
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
+    if origin is typing.Union:  # e.g. int | Literal["auto"]
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return isinstance(value, str) and value in typing.get_args(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -200,6 +204,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {({int: 'integers', str: 'strings'})[typing.get_args(tp)[0]]}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
@@ -211,8 +219,14 @@ def _type_problem(value: Any, tp: Any, comma_list: bool = False) -> str | None:
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return "must be a finite number"
     hint = ""
-    if isinstance(value, str) and tp in (int, float) and _parses_as(value, tp):
+    alternatives = typing.get_args(tp) if typing.get_origin(tp) is typing.Union else (tp,)
+    words = [w for a in alternatives if typing.get_origin(a) is typing.Literal
+             for w in typing.get_args(a)]
+    if isinstance(value, str) and any(a in (int, float) and _parses_as(value, a)
+                                      for a in alternatives):
         hint = " (remove the quotes)"
+    elif isinstance(value, str) and words:
+        hint = did_you_mean(value, words)
     elif comma_list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         hint = f"; write several names comma-separated, e.g. {','.join(value) or 'q_proj,v_proj'}"
     elif value is None:

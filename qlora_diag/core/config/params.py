@@ -8,6 +8,7 @@ docstring under each field says what the value means. :func:`~.load.load_params`
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from qlora_diag.core.config.checks import (
     base_model_problem,
@@ -19,6 +20,7 @@ from qlora_diag.core.config.checks import (
     not_empty,
     one_of,
     positive,
+    positive_or_auto,
     preset_problem,
     seed_range,
     targets_problem,
@@ -47,10 +49,14 @@ class DataCfg:
     n_train: int = checked(positive)
     """Examples in the train split."""
     n_eval: int = checked(positive)
-    """Examples in the eval split (stratified by task); fewer remain if prompts are dropped."""
+    """Examples in the eval split (stratified by task)."""
     max_length: int = checked(lambda v: None if v >= 16 else "must be at least 16 tokens")
     """Tokens per example (prompt + response); longer responses are truncated, examples whose
-    prompt alone fills it are dropped."""
+    prompt alone fills it are replaced by others of the source."""
+    max_truncated_share: float = checked(lambda v: None if 0 <= v <= 1 else
+                                         "must be in [0, 1] (a share of a split's examples)")
+    """prepare warns when more than this share of a split's responses is cut at
+    ``max_length``, naming the length that holds 95 % of the examples whole."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +144,9 @@ class CompareCfg:
     """Updates with a cosine above this count as nearly identical."""
     n_generate: int = checked(positive)
     """The first n eval examples are decoded greedily per run; at most ``data.n_eval``."""
-    max_new_tokens: int = checked(positive)
-    """Longest generated answer, in tokens."""
+    max_new_tokens: int | Literal["auto"] = checked(positive_or_auto)
+    """Longest generated answer, in tokens (eos included); ``auto`` = the length that 95 % of
+    the train split's responses fit in, resolved by prepare (:mod:`qlora_diag.data.resolved`)."""
     gen_batch_size: int = checked(positive)
     """Batch size of generation and of the no-grad forward passes."""
     subspace_k: int = checked(positive)

@@ -2,9 +2,9 @@
 
 A relation runs only when all its keys passed their own checks, so a bad value is reported
 once (``lora.r = 0`` as a bad rank, not again as "not in sweep.ranks"). Code that applies a rule
-to what it finds on disk (generation needs that many eval examples, and the prepared eval split
-may hold fewer than ``data.n_eval`` when prompts were dropped) calls the rule's function here
-rather than restating it.
+to what it finds on disk (generation needs that many eval examples in the prepared eval split,
+which may come from other params than the current ones) calls the rule's function here rather
+than restating it.
 """
 from __future__ import annotations
 
@@ -81,8 +81,10 @@ def generate_within_eval(n_generate, n_eval):
 
 def require_eval_examples(key: str, n: int, n_available: int, eval_path: str | Path) -> None:
     """:func:`exceeds_eval` against the prepared eval split (``n_available`` records in
-    ``eval_path``): raise :class:`UserError` if it is too small. Needed besides the params check
-    because prepare drops examples whose prompt fills ``data.max_length``. ``key`` names the
+    ``eval_path``): raise :class:`UserError` if it is too small. prepare writes exactly
+    ``data.n_eval`` examples (issue 15: it replaces those whose prompt fills
+    ``data.max_length``, or fails), so this guards a prepared split made from other params, and
+    ``bench.gen_examples``, which no params rule ties to ``data.n_eval``. ``key`` names the
     knob (``compare.n_generate``; ``bench.gen_examples`` for the benchmark)."""
     why = exceeds_eval(key, n, n_available,
                        f"the eval split ({n_available} examples in {eval_path})")

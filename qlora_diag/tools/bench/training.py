@@ -54,7 +54,7 @@ class TrainSetup:
     seed: int
 
     @classmethod
-    def from_json(cls, obj: dict) -> "TrainSetup":
+    def from_json(cls, obj: dict) -> TrainSetup:
         return cls(**{**obj, "lora": LoraCfg(**obj["lora"]), "train": TrainCfg(**obj["train"])})
 
     def batches(self) -> list[list[dict]]:
