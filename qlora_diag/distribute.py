@@ -399,10 +399,16 @@ def job_outcome(name: str, job: str, status_file: Path, log: Path, queued: dict[
             detail = f"exit code {record[1]} (no status written: cancelled or killed)"
     elif record:  # squeue missed it a moment ago but slurmctld has it running
         return Outcome(name, job, record[0], "", log)
+    elif detail:
+        state = "FAILED"
+    elif log.exists():
+        state, detail = "ENDED", ("started, then ended without writing its status: cancelled, "
+                                  "timed out, killed (e.g. out of memory) or its node failed")
     else:
-        state = "FAILED" if detail else "ENDED"
-        detail = detail or ("ended without writing its status: cancelled, timed out, out of "
-                            "memory or its node failed")
+        # SLURM keeps no record of an array task cancelled while pending, and it never wrote
+        # a log.
+        state, detail = "NOT RUN", ("left the queue without starting: cancelled while "
+                                    "pending, or SLURM could not launch it")
     return Outcome(name, job, state, detail, log)
 
 

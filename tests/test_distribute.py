@@ -240,8 +240,9 @@ def write_sweep_info(tmp_path, stages, array_job="12", final_job="13") -> Path:
 
 
 def test_outcomes_from_squeue_status_files_and_slurmctld(tmp_path):
-    stages = ["a@1", "b@2", "c@3", "d@4", "e@5", "f@6"]
+    stages = ["a@1", "b@2", "c@3", "d@4", "e@5", "f@6", "g@7"]
     sweep_dir = write_sweep_info(tmp_path, stages)
+    (sweep_dir / "logs/d@4.log").write_text("d@4: array task 3 ...\n")  # started, then killed
     (sweep_dir / "status/0").write_text("ok\n")                                      # done
     (sweep_dir / "status/1").write_text("failed (exit 1): dvc repro --single-item \"$STAGE\"\n")
     fake = FakeSlurm(queued={"12_4": "RUNNING", "12_5": "PENDING", "13": "PENDING"},
@@ -251,10 +252,12 @@ def test_outcomes_from_squeue_status_files_and_slurmctld(tmp_path):
     got = [(o.name, o.state, o.ended, o.ok) for o in tasks]
     assert got == [("a@1", "COMPLETED", True, True), ("b@2", "FAILED", True, False),
                    ("c@3", "CANCELLED", True, False), ("d@4", "ENDED", True, False),
-                   ("e@5", "RUNNING", False, False), ("f@6", "PENDING", False, False)]
+                   ("e@5", "RUNNING", False, False), ("f@6", "PENDING", False, False),
+                   ("g@7", "NOT RUN", True, False)]
     assert tasks[1].detail.startswith("failed (exit 1): dvc repro")
     assert tasks[2].detail == "exit code 0:15 (no status written: cancelled or killed)"
-    assert "ended without writing its status" in tasks[3].detail
+    assert tasks[3].detail.startswith("started, then ended without writing its status")
+    assert tasks[6].detail.startswith("left the queue without starting")
     assert tasks[0].log == sweep_dir / "logs/a@1.log"
     assert (final.name, final.state, final.ended) == ("final", "PENDING", False)
 
@@ -369,3 +372,320 @@ def test_readme_shows_the_script_the_generator_writes():
                     bin_dir=Path("/home/you/qlora-diagnostics/.venv/bin"),
                     sbatch_args=("--cpus-per-task=1",))
     assert "```bash\n" + D.array_script(sweep) + "```" in readme
+
+
+# --- end to end: a real SLURM, real dvc, two remotes ---------------------------------------------
+
+# Numbers that measure the machine (time, memory) differ between any two runs; everything else
+# in metrics.json is computed from the adapters and must agree.
+MACHINE_WORDS = ("time", "mem", "tokens_per_s", "_s_", "wall")
+TOL = 1e-6
+
+
+def not_available(what: str) -> None:
+    """Skip outside CI; in CI (CI=true), whatever the test needs must be there: fail."""
+    if IN_CI:
+        pytest.fail(f"{what} (CI must provide it: .ci/run installs it)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    from local_slurm import PACKAGES, LocalSlurm, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        not_available(f"SLURM binaries not installed ({', '.join(missing)}): "
+                      f"apt-get install {PACKAGES}")
+    if os.geteuid() != 0:
+        not_available("the local SLURM's daemons (slurmd, munged) need root")
+    cluster = LocalSlurm().start()
+    yield cluster
+    cluster.stop()
+
+
+class Background:
+    """`dvc repro` of a scratch project in a process of its own, so that the reference run
+    shares the 2 cores with the SLURM jobs instead of adding its time to theirs."""
+
+    def __init__(self, project: Path):
+        self.project = project
+        self.log = project.parent / f"{project.name}-repro.log"
+        exe = Path(sys.executable).parent / "dvc"
+        self.proc = subprocess.Popen([str(exe), "repro"], cwd=project, env=scratch_env(),
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait(self) -> Path:
+        rc = self.proc.wait()
+        assert rc == 0, self.log.read_text()[-3000:]
+        return self.project
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The local `dvc repro` of the same params, the numbers the distributed run must give."""
+    project = make_scratch_project(REPO, tmp_path_factory.mktemp("reference") / "a", OVERRIDES)
+    run = Background(project)
+    yield run
+    if run.proc.poll() is None:
+        run.proc.terminate()
+        run.proc.wait()
+
+
+def run_distribute(project: Path, slurm, *args: str) -> subprocess.CompletedProcess:
+    env = {**scratch_env(), **slurm.env}
+    return subprocess.run([sys.executable, "-m", "qlora_diag.distribute", *args], cwd=project,
+                          env=env, text=True, capture_output=True)
+
+
+def submit(project: Path, slurm, *args: str) -> subprocess.CompletedProcess:
+    return run_distribute(project, slurm, "submit", "--poll", "1", *args, "--",
+                          "--cpus-per-task=1")
+
+
+def sweep_dir_of(output: str) -> Path:
+    line = next(l for l in output.splitlines() if l.startswith("distribute: logs in "))
+    return Path(line.split("logs in ", 1)[1].split(" (", 1)[0]).parent
+
+
+def trainer_pid(clone: Path, timeout_s: float = 600) -> int:
+    """The python process of `stages/train.py` running in ``clone`` (DVC may start it under a
+    shell, whose command line holds the same words as one argument)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                cwd = os.readlink(Path(entry.path, "cwd"))
+            except OSError:
+                continue
+            if cwd == str(clone) and b"stages/train.py" in cmd:
+                return int(entry.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no trainer started in {clone} within {timeout_s} s")
+
+
+def run_cache_entries(root: Path) -> int:
+    """Run-cache entries (runs/<2>/<key>/<value>) of a local DVC remote."""
+    return sum(1 for p in (root / "runs").glob("*/*/*") if p.is_file())
+
+
+def repro_log(path: Path) -> tuple[list[str], set[str]]:
+    """(stages `dvc repro` ran, stages it restored from the run-cache), from its output."""
+    text = path.read_text()
+    ran = [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
+    restored = {line.split("'")[1] for line in text.splitlines()
+                if line.startswith("Stage '") and "is cached - skipping run" in line}
+    return ran, restored
+
+
+def assert_same_results(project: Path, reference_metrics: dict) -> None:
+    got = json.loads((project / "reports/metrics.json").read_text())
+    assert set(got) == set(reference_metrics)
+    for key, want in reference_metrics.items():
+        if any(w in key for w in MACHINE_WORDS) or key.endswith("_s"):
+            continue
+        if isinstance(want, (int, float)) and not isinstance(want, bool):
+            assert got[key] == pytest.approx(want, rel=TOL, abs=TOL), key
+        else:
+            assert got[key] == want, key
+
+
+def commit_all(project: Path, message: str) -> None:
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", message)
+
+
+@pytest.fixture(scope="module")
+def fanout(slurm, reference, tmp_path_factory):
+    """A fan-out to a local-directory remote in which the trainer of array task 0 is killed
+    (SIGKILL, as the OOM killer does) and the still pending last task is cancelled; then the
+    rerun of the same command."""
+    root = tmp_path_factory.mktemp("fanout")
+    project = make_scratch_project(REPO, root / "project", OVERRIDES)
+    remote = root / "remote"
+    dvc(project, "remote", "add", "-d", "shared", str(remote))
+    commit_all(project, "a shared remote")
+    t0 = time.perf_counter()
+    first = submit(project, slurm, "--no-wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    sweep1 = sweep_dir_of(first.stdout)
+    info = json.loads((sweep1 / "sweep.json").read_text())
+    last = len(info["stages"]) - 1
+    subprocess.run(["scancel", f"{info['array_job']}_{last}"], check=True,
+                   env={**os.environ, **slurm.env})
+    os.kill(trainer_pid(sweep1 / "clones" / "0"), signal.SIGKILL)
+    status = run_distribute(project, slurm, "status", str(sweep1), "--wait", "--poll", "1")
+    entries_after_first = run_cache_entries(remote)
+    rerun = submit(project, slurm)
+    seconds = time.perf_counter() - t0
+    return dict(project=project, remote=remote, first=first, sweep1=sweep1, info=info,
+                status=status, entries_after_first=entries_after_first, rerun=rerun,
+                sweep2=sweep_dir_of(rerun.stdout), seconds=seconds)
+
+
+@pytest.mark.slow
+def test_fanout_failure_then_rerun_submits_only_the_missing_stages(fanout, reference):
+    info, status, rerun = fanout["info"], fanout["status"], fanout["rerun"]
+    sweep1, sweep2 = fanout["sweep1"], fanout["sweep2"]
+    assert info["stages"] == SMOKE_STAGES
+    killed, cancelled = SMOKE_STAGES[0], SMOKE_STAGES[-1]
+
+    # the report names both stages, their state and their log
+    assert status.returncode == 1, status.stdout + status.stderr
+    out = status.stdout
+    assert "2 of 8 stage(s) did not finish" in out, out
+    assert f"  {killed}: FAILED (failed (exit " in out, out
+    assert f"dvc repro --single-item \"$STAGE\"); log {sweep1}/logs/{killed}.log" in out, out
+    assert (f"  {cancelled}: NOT RUN (left the queue without starting: cancelled while pending"
+            in out and f"log {sweep1}/logs/{cancelled}.log" in out), out
+    assert f"Running stage '{killed}'" in (sweep1 / "logs" / f"{killed}.log").read_text()
+    # the six others pushed their run-cache entries (one each); the failed and cancelled none
+    assert fanout["entries_after_first"] == 6
+
+    # the rerun submits exactly the two, and the final repro trains nothing
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert (f"8 training stages; the run-cache answers 6, 2 to run: {killed}, {cancelled}"
+            in rerun.stdout), rerun.stdout
+    assert run_cache_entries(fanout["remote"]) == 8
+    ran, restored = repro_log(sweep2 / "logs/final.log")
+    assert ran == ["compare", "plot"]
+    assert restored == set(SMOKE_STAGES)
+    # every training stage ran in a SLURM job (its log shows DVC running it), none here
+    for stage in SMOKE_STAGES:
+        sweep = sweep2 if stage in (killed, cancelled) else sweep1
+        assert f"Running stage '{stage}'" in (sweep / "logs" / f"{stage}.log").read_text(), stage
+    for submitter_output in (fanout["first"].stdout, rerun.stdout):
+        ran_here = [l for l in submitter_output.splitlines() if l.startswith("Running stage")]
+        assert all(s.split("'")[1] in ("base", "prepare", "quantize") for s in ran_here), ran_here
+
+    project = fanout["project"]
+    for run in ("lora-r2-qv-s42", "qlora-r4-kv-s42", "qlora-r4-qv-s1"):
+        assert (project / "models/adapters" / run / "adapter_model.safetensors").is_file()
+    assert_same_results(project, json.loads((reference.wait() / "reports/metrics.json").read_text()))
+    print(f"fan-out with a failure, a cancel and the rerun: {fanout['seconds']:.0f} s")
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shared(reference, tmp_path_factory):
+    """README "Share and distribute": the reference clone pushes to a bare git remote and a local
+    DVC remote, a colleague's clone pulls; then an experiment with one more seed travels."""
+    a = reference.wait()
+    root = tmp_path_factory.mktemp("share")
+    origin, store, b = root / "origin.git", root / "store", root / "colleague"
+    git(root, "init", "-q", "--bare", str(origin))
+    dvc(a, "remote", "add", "-d", "store", str(store))
+    commit_all(a, "reference results")
+    git(a, "remote", "add", "origin", str(origin))
+    git(a, "push", "-q", "origin", "HEAD:refs/heads/main")
+    r = dict(push=dvc(a, "push"))
+    git(root, "clone", "-q", "-b", "main", str(origin), str(b))
+    r.update(b=b, a=a, pull=dvc(b, "pull"), status=dvc(b, "status"), repro=dvc(b, "repro"))
+    r["exp_run"] = dvc(a, "exp", "run", "-n", "more-seeds", "-S", "sweep.seeds=[1,2]",
+                       check=False)
+    r["exp_metrics"] = json.loads((a / "reports/metrics.json").read_text())
+    r["exp_push"] = dvc(a, "exp", "push", "origin", "more-seeds", check=False)
+    r["exp_pull"] = dvc(b, "exp", "pull", "origin", "more-seeds", check=False)
+    r["exp_show"] = dvc(b, "exp", "show", "--json", check=False)
+    r["exp_apply"] = dvc(b, "exp", "apply", "more-seeds", check=False)
+    r["repro_after_apply"] = dvc(b, "repro", check=False)
+    return r
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_gets_every_result_with_dvc_pull_and_experiments_travel(shared):
+    a, b = shared["a"], shared["b"]
+    assert "Everything is up to date" not in shared["push"].stdout
+    # every adapter, curve and the models, byte for byte; the reports came with git
+    for sub in ("models/adapters", "reports/train", "models/base", "data/prepared"):
+        assert file_digests(b / sub) == file_digests(a / sub), sub
+    assert (b / "reports/report.md").read_text() == (a / "reports/report.md").read_text()
+    assert "Data and pipelines are up to date." in shared["status"].stdout
+    assert "Running stage" not in shared["repro"].stdout, shared["repro"].stdout
+
+    # the experiment: two more runs (seed 2) trained in clone a, pulled by clone b
+    for step in ("exp_run", "exp_push", "exp_pull", "exp_show", "exp_apply", "repro_after_apply"):
+        proc = shared[step]
+        assert proc.returncode == 0, (step, proc.stdout[-2000:], proc.stderr[-2000:])
+    ran = [l.split("'")[1] for l in shared["exp_run"].stdout.splitlines() if l.startswith("Running stage")]
+    assert ran == ["seeds_lora@2", "seeds_qlora@2", "compare", "plot"]
+    assert "more-seeds" in shared["exp_show"].stdout
+    assert "Running stage" not in shared["repro_after_apply"].stdout
+    for run in ("lora-r4-qv-s2", "qlora-r4-qv-s2"):
+        assert file_digests(b / "models/adapters" / run) == file_digests(a / "models/adapters" / run)
+    assert json.loads((b / "reports/metrics.json").read_text()) == shared["exp_metrics"]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on a free loopback port, with one bucket."""
+    try:
+        import boto3
+        import dvc_s3  # noqa: F401  (DVC's s3:// support)
+    except ImportError as exc:
+        not_available(f"{exc.name} not installed: pip install -r requirements-test.txt")
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        not_available("moto_server not installed: pip install -r requirements-test.txt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="qlora-sweeps")
+    yield endpoint, client
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_fanout_through_s3_trains_only_the_new_seed(fanout, shared, s3_server, slurm):
+    """The fanned-out project moves to an S3 remote (endpoint in .dvc/config, keys in the
+    uncommitted .dvc/config.local, as with MinIO) and adds a noise-floor seed."""
+    endpoint, client = s3_server
+    project = fanout["project"]
+    dvc(project, "remote", "add", "-d", "s3", "s3://qlora-sweeps/store")
+    dvc(project, "remote", "modify", "s3", "endpointurl", endpoint)
+    dvc(project, "remote", "modify", "--local", "s3", "access_key_id", "testing")
+    dvc(project, "remote", "modify", "--local", "s3", "secret_access_key", "testing")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sweep"]["seeds"] = [1, 2]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(project, "S3 remote, one more seed")
+
+    proc = submit(project, slurm)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("10 training stages; the run-cache answers 8, 2 to run: seeds_lora@2, seeds_qlora@2"
+            in proc.stdout), proc.stdout
+    sweep = sweep_dir_of(proc.stdout)
+    for stage in ("seeds_lora@2", "seeds_qlora@2"):
+        assert f"Running stage '{stage}'" in (sweep / "logs" / f"{stage}.log").read_text()
+    # the eight earlier runs are in the workspace already ("didn't change"), the two new ones
+    # come from S3
+    ran, restored = repro_log(sweep / "logs/final.log")
+    assert ran == ["compare", "plot"]
+    assert restored == {"seeds_lora@2", "seeds_qlora@2"}
+    assert "restored 2 stage(s) from the run-cache and ran compare, plot" in proc.stdout
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="qlora-sweeps",
+                                                     Prefix="store/runs/")["Contents"]]
+    assert len(keys) == 2, keys  # one run-cache entry per job, nothing else
+    assert_same_results(project, shared["exp_metrics"])
