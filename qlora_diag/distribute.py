@@ -120,9 +120,16 @@ def answered_by_run_cache(root: Path, stages: list[str]) -> set[str]:
     """
     from dvc.exceptions import CollectCacheError
 
+    from dvc.exceptions import DvcException
+
     answered: set[str] = set()
     with _open_repo(root) as repo, repo.lock:
-        repo.stage_cache.pull(None)
+        try:
+            repo.stage_cache.pull(None)
+        except DvcException as exc:
+            raise UserError(f"cannot read the run-cache of the default DVC remote ({exc}); "
+                            "check that this machine reaches it (`dvc push` tells the same) "
+                            "and its credentials in .dvc/config.local") from None
         for name in stages:
             stage = repo.stage.get_target(_target(repo, name))
             stage.save_deps()
@@ -520,6 +527,12 @@ def submit(root: Path, workdir: Path, sbatch_args: list[str], max_parallel: int 
     _check_path_for_sbatch(workdir)
     commit = committed_head(root)
     remote = default_remote(root)
+    busy = unfinished_sweeps(workdir, queued_jobs())
+    if busy:
+        raise UserError(f"{busy[-1]}: this sweep still has jobs in the queue; submitting again "
+                        "now would train its stages a second time. Wait for it (`python -m "
+                        f"qlora_diag.distribute status {busy[-1]} --wait`) or cancel its jobs "
+                        "(scancel), then submit")
     stages = training_stages(params)
     upstream = upstream_stages(root, stages)
 
@@ -563,6 +576,19 @@ def _follow(sweep_dir: Path, poll_s: float, out: Callable[[str], None]) -> int:
         out(f"distribute: stopped waiting; the jobs go on. Follow them with `python -m "
             f"qlora_diag.distribute status {sweep_dir} --wait`")
         return 130
+
+
+def unfinished_sweeps(workdir: Path, queued: dict[str, str]) -> list[Path]:
+    """Sweeps under ``workdir`` with a job still in the queue: submitting again meanwhile would
+    train their stages twice, since the run-cache learns of a stage only when its job ends."""
+    busy = []
+    for path in sorted(Path(workdir).glob(f"*/{SWEEP_FILE}")):
+        info = json.loads(path.read_text())
+        ids = {info.get("array_job"), info.get("final_job")} - {None}
+        if any(job == i or job.startswith(f"{i}_") for job, state in queued.items()
+               if state in ACTIVE_STATES for i in ids):
+            busy.append(path.parent)
+    return busy
 
 
 def latest_sweep(workdir: Path) -> Path:

@@ -298,6 +298,18 @@ def test_status_without_waiting_lists_what_is_still_queued(tmp_path):
                      "final PENDING"]
 
 
+def test_a_sweep_with_queued_jobs_is_unfinished(tmp_path):
+    workdir = tmp_path / "sweeps"
+    for name, array_job, final_job in (("old", "5", "6"), ("busy", "12", "13"), ("tail", None, "20")):
+        (workdir / name).mkdir(parents=True)
+        (workdir / name / D.SWEEP_FILE).write_text(json.dumps(
+            {"array_job": array_job, "final_job": final_job}))
+    queued = {"12_3": "RUNNING", "13": "PENDING", "120_1": "RUNNING", "21": "PENDING"}
+    assert D.unfinished_sweeps(workdir, queued) == [workdir / "busy"]
+    assert D.unfinished_sweeps(workdir, {"20": "PENDING"}) == [workdir / "tail"]
+    assert D.unfinished_sweeps(workdir, {}) == []
+
+
 def test_submit_jobs_chains_the_final_job_on_the_array(tmp_path, fake_tools):
     sweep = make_sweep(tmp_path, fake_tools)
     D.write_sweep(sweep, "lock")
