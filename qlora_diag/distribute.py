@@ -50,6 +50,7 @@ SWEEP_FILE = "sweep.json"
 FINAL = "final"
 OK = "ok"
 SLURM_TOOLS = ("sbatch", "squeue", "scontrol", "scancel")
+SQUEUE_RETRIES = 5  # consecutive squeue failures before waiting gives up
 # Outputs of the pipeline that `dvc repro` rewrites in the working tree: they may differ from the
 # commit the jobs clone without changing what the jobs compute.
 OUTPUT_PATHS = ("dvc.lock", "reports/")
@@ -459,8 +460,19 @@ def wait_and_report(sweep_dir: Path, poll_s: float, out: Callable[[str], None] =
     completed, 1 when a stage or the final job failed, 3 while jobs are still queued."""
     info = read_sweep(sweep_dir)
     seen: set[str] = set()
+    misses = 0
     while True:
-        tasks, final = outcomes(info, run)
+        try:
+            tasks, final = outcomes(info, run)
+            misses = 0
+        except UserError:
+            # squeue fails now and then on a busy controller ("Socket timed out"); give up
+            # only when it keeps failing.
+            misses += 1
+            if not wait or misses >= SQUEUE_RETRIES:
+                raise
+            time.sleep(poll_s)
+            continue
         for o in tasks:
             if o.ended and o.name not in seen:
                 seen.add(o.name)

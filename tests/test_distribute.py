@@ -289,6 +289,27 @@ def test_report_after_the_final_job_counts_what_dvc_ran_and_restored(tmp_path):
     assert "restored 1 stage(s) from the run-cache and ran compare, plot" in lines[-1]
 
 
+def test_waiting_rides_out_a_few_squeue_failures_but_not_many(tmp_path):
+    sweep_dir = write_sweep_info(tmp_path, ["a@1"])
+    (sweep_dir / "status/0").write_text("ok\n")
+    (sweep_dir / "status/final").write_text("ok\n")
+    done = FakeSlurm({}, {})
+
+    def flaky(failures):
+        count = {"n": 0}
+
+        def run(args, **kw):
+            if args[0] == "squeue" and count["n"] < failures:
+                count["n"] += 1
+                return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation\n")
+            return done(args, **kw)
+        return run
+
+    assert D.wait_and_report(sweep_dir, 0, lambda line: None, flaky(D.SQUEUE_RETRIES - 1)) == 0
+    with pytest.raises(UserError, match=r"`squeue --me .*` failed \(exit 1\): slurm_load_jobs error: Socket timed out"):
+        D.wait_and_report(sweep_dir, 0, lambda line: None, flaky(D.SQUEUE_RETRIES))
+
+
 def test_status_without_waiting_lists_what_is_still_queued(tmp_path):
     sweep_dir = write_sweep_info(tmp_path, ["a@1", "b@2"])
     fake = FakeSlurm(queued={"12_0": "RUNNING", "12_1": "PENDING", "13": "PENDING"}, records={})
