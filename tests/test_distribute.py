@@ -35,7 +35,7 @@ import yaml
 from qlora_diag import distribute as D
 from qlora_diag.config import load_params
 from qlora_diag.errors import UserError
-from qlora_diag.scratch import dvc, make_scratch_project, scratch_env
+from qlora_diag.scratch import dvc, make_scratch_project, scratch_env, set_key
 from qlora_diag.smoke import SMOKE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,10 @@ OVERRIDES = {"base.model": "embedded:tiny-llama", **SMOKE_PARAMS, "train.threads
 IN_CI = os.environ.get("CI") == "true"
 
 
-def smoke_params(tmp_path, **extra):
+def smoke_params(tmp_path):
+    """The params of the slow tests, validated as a stage would load them."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    from qlora_diag.scratch import set_key
-    for key, value in {**OVERRIDES, **extra}.items():
+    for key, value in OVERRIDES.items():
         set_key(params, key, value)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
