@@ -80,9 +80,11 @@ def test_training_stages_are_the_adapter_stages_dvc_expands(tmp_path):
 FAKE_TOOL = """#!/bin/bash
 # Records its call; `git clone` makes the clone; dvc fails with $FAKE_DVC_FAIL when its arguments
 # start with $FAKE_DVC_FAIL_ON.
-echo "$(basename "$0") $* | cwd=$PWD | lock=$(head -n1 dvc.lock 2>/dev/null) | local=$(head -n1 .dvc/config.local 2>/dev/null)" >> "$CALLS"
+echo "$(basename "$0") $* | cwd=$PWD | lock=$(head -n1 dvc.lock 2>/dev/null) | \
+local=$(head -n1 .dvc/config.local 2>/dev/null)" >> "$CALLS"
 if [ "$(basename "$0")" = git ] && [ "$1" = clone ]; then mkdir -p "${@: -1}/.dvc"; fi
-if [ "$(basename "$0")" = dvc ] && [ -n "${FAKE_DVC_FAIL_ON:-}" ] && [[ "$*" == "$FAKE_DVC_FAIL_ON"* ]]; then exit "$FAKE_DVC_FAIL"; fi
+if [ "$(basename "$0")" = dvc ] && [ -n "${FAKE_DVC_FAIL_ON:-}" ] \
+   && [[ "$*" == "$FAKE_DVC_FAIL_ON"* ]]; then exit "$FAKE_DVC_FAIL"; fi
 exit 0
 """
 
@@ -221,7 +223,8 @@ class FakeSlurm:
             job = args[-1]
             if job in self.records:
                 return subprocess.CompletedProcess(args, 0, self.records[job], "")
-            return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Invalid job id specified\n")
+            return subprocess.CompletedProcess(
+                args, 1, "", "slurm_load_jobs error: Invalid job id specified\n")
         return subprocess.CompletedProcess(args, 0, "", "")
 
 
@@ -270,7 +273,8 @@ def test_report_names_failed_stages_with_their_logs_and_cancels_the_final_job(tm
     lines: list[str] = []
     assert D.wait_and_report(sweep_dir, 0, lines.append, fake) == 1
     text = "\n".join(lines)
-    assert f"b@2: CANCELLED (exit code 0:15 (no status written: cancelled or killed)); log {sweep_dir}/logs/b@2.log" in text
+    assert (f"b@2: CANCELLED (exit code 0:15 (no status written: cancelled or killed)); "
+            f"log {sweep_dir}/logs/b@2.log") in text
     assert "1 of 3 stage(s) did not finish" in text
     assert "results of the 2 that finished are in the remote's run-cache" in text
     assert ["scancel", "13"] in fake.calls
@@ -301,12 +305,14 @@ def test_waiting_rides_out_a_few_squeue_failures_but_not_many(tmp_path):
         def run(args, **kw):
             if args[0] == "squeue" and count["n"] < failures:
                 count["n"] += 1
-                return subprocess.CompletedProcess(args, 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation\n")
+                return subprocess.CompletedProcess(
+                    args, 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation\n")
             return done(args, **kw)
         return run
 
     assert D.wait_and_report(sweep_dir, 0, lambda line: None, flaky(D.SQUEUE_RETRIES - 1)) == 0
-    with pytest.raises(UserError, match=r"`squeue --me .*` failed \(exit 1\): slurm_load_jobs error: Socket timed out"):
+    with pytest.raises(UserError, match=r"`squeue --me .*` failed \(exit 1\): "
+                                        r"slurm_load_jobs error: Socket timed out"):
         D.wait_and_report(sweep_dir, 0, lambda line: None, flaky(D.SQUEUE_RETRIES))
 
 
@@ -378,7 +384,8 @@ def test_submit_without_slurm_commands_or_with_a_bad_sbatch_argument(scratch, mo
     monkeypatch.chdir(scratch)
     real_which = shutil.which
     monkeypatch.setattr(D.shutil, "which", lambda t: None if t in ("sbatch", "squeue") else real_which(t))
-    with pytest.raises(UserError, match=r"^sbatch, squeue: not found on PATH; submit from a machine of the SLURM cluster"):
+    with pytest.raises(UserError, match=r"^sbatch, squeue: not found on PATH; "
+                                        r"submit from a machine of the SLURM cluster"):
         D.main(["submit"])
     monkeypatch.setattr(D.shutil, "which", lambda t: "/usr/bin/" + t)
     with pytest.raises(UserError, match=r"sbatch arguments \['gpu'\]: each must be an option"):
@@ -477,7 +484,7 @@ def submit(project: Path, slurm, *args: str) -> subprocess.CompletedProcess:
 
 
 def sweep_dir_of(output: str) -> Path:
-    line = next(l for l in output.splitlines() if l.startswith("distribute: logs in "))
+    line = next(x for x in output.splitlines() if x.startswith("distribute: logs in "))
     return Path(line.split("logs in ", 1)[1].split(" (", 1)[0]).parent
 
 
@@ -591,7 +598,7 @@ def test_fanout_failure_then_rerun_submits_only_the_missing_stages(fanout, refer
         sweep = sweep2 if stage in (killed, cancelled) else sweep1
         assert f"Running stage '{stage}'" in (sweep / "logs" / f"{stage}.log").read_text(), stage
     for submitter_output in (fanout["first"].stdout, rerun.stdout):
-        ran_here = [l for l in submitter_output.splitlines() if l.startswith("Running stage")]
+        ran_here = [x for x in submitter_output.splitlines() if x.startswith("Running stage")]
         assert all(s.split("'")[1] in ("base", "prepare", "quantize") for s in ran_here), ran_here
 
     project = fanout["project"]
@@ -647,7 +654,8 @@ def test_a_fresh_clone_gets_every_result_with_dvc_pull_and_experiments_travel(sh
     for step in ("exp_run", "exp_push", "exp_pull", "exp_show", "exp_apply", "repro_after_apply"):
         proc = shared[step]
         assert proc.returncode == 0, (step, proc.stdout[-2000:], proc.stderr[-2000:])
-    ran = [l.split("'")[1] for l in shared["exp_run"].stdout.splitlines() if l.startswith("Running stage")]
+    ran = [x.split("'")[1] for x in shared["exp_run"].stdout.splitlines()
+           if x.startswith("Running stage")]
     assert ran == ["seeds_lora@2", "seeds_qlora@2", "compare", "plot"]
     assert "more-seeds" in shared["exp_show"].stdout
     assert "Running stage" not in shared["repro_after_apply"].stdout

@@ -340,7 +340,8 @@ def assert_stage_matches(stage: str, got: Path, want: Path) -> None:
             if rel.suffix == ".csv":
                 assert_same_json(read_table(got / rel), read_table(want / rel), str(rel))
             elif rel.suffix == ".json":
-                assert_same_json(json.loads((got / rel).read_text()), json.loads((want / rel).read_text()), str(rel))
+                assert_same_json(json.loads((got / rel).read_text()),
+                                 json.loads((want / rel).read_text()), str(rel))
             elif rel.suffix == ".jsonl":
                 assert_same_json([json.loads(x) for x in (got / rel).read_text().splitlines()],
                                  [json.loads(x) for x in (want / rel).read_text().splitlines()], str(rel))
@@ -349,7 +350,10 @@ def assert_stage_matches(stage: str, got: Path, want: Path) -> None:
         want_v = json.loads((want / "reports/verdicts.json").read_text())
         for h in ("h1", "h2", "h3"):
             assert_same_json(got_v[h], want_v[h], h)
-        keep = lambda fms: [fm for fm in fms if fm["key"] not in MACHINE_FAILURE_MODES]
+
+        def keep(fms: list[dict]) -> list[dict]:
+            return [fm for fm in fms if fm["key"] not in MACHINE_FAILURE_MODES]
+
         assert_same_json(keep(got_v["failure_modes"]), keep(want_v["failure_modes"]), "failure_modes")
         assert sorted(p.name for p in (got / "reports/figures").iterdir()) == \
             sorted(p.name for p in (want / "reports/figures").iterdir())
@@ -441,7 +445,8 @@ def test_stage_stopped_midway_reruns_to_the_uninterrupted_result(chain, referenc
         assert stopped.returncode == expected_rc
     else:  # SIGTERM or Ctrl-C: the stage cleans up, exits 130, and dvc reports the failure
         assert stopped.returncode != 0
-        assert "interrupted: completed outputs and checkpoints are kept" in stopped.stderr, stopped.stderr[-2000:]
+        assert "interrupted: completed outputs and checkpoints are kept" in stopped.stderr, \
+            stopped.stderr[-2000:]
         assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
         # DVC runs a stage as `$SHELL -c <cmd>`. bash execs the stage, so DVC sees its 130; dash
         # (`/bin/sh` when SHELL is unset, as in CI) stays the stage's parent, receives the group's
@@ -452,7 +457,8 @@ def test_stage_stopped_midway_reruns_to_the_uninterrupted_result(chain, referenc
     assert "is busy" not in rerun.stderr and "LockError" not in rerun.stderr, rerun.stderr[-2000:]
     if stage.startswith(("train_", "seeds_", "modules_")):
         run = Path(next(o for o in lock_outs(ref_project)[stage] if o.startswith("models/adapters/"))).name
-        line = next((l for l in rerun.stdout.splitlines() if l.startswith(f"{run}: resuming from checkpoint-")), None)
+        line = next((x for x in rerun.stdout.splitlines()
+                     if x.startswith(f"{run}: resuming from checkpoint-")), None)
         assert line is not None, rerun.stdout[-2000:]
         resumed = int(line.split("checkpoint-")[1].split()[0])
         if stage == KILL_AFTER_LAST_CHECKPOINT:
@@ -516,7 +522,8 @@ def test_queue_runs_two_experiments_at_once_without_clobbering(reference):
         most_at_once = max(most_at_once, len(roots))
         if time.monotonic() >= next_status:
             status = dvc(project, "queue", "status").stdout
-            rows = [line.split() for line in status.splitlines() if line.split()[1:2] in (["q-r2"], ["q-r4-s3"])]
+            rows = [line.split() for line in status.splitlines()
+                    if line.split()[1:2] in (["q-r2"], ["q-r4-s3"])]
             if len(rows) == 2 and all(r[-1] in ("Success", "Failed") for r in rows):
                 break
             next_status = time.monotonic() + 3
@@ -530,10 +537,14 @@ def test_queue_runs_two_experiments_at_once_without_clobbering(reference):
     got = exp_metrics(project)
     assert {"q-r2", "q-r4-s3"} <= got.keys(), got.keys()
     ref_metrics = json.loads((project / "reports/metrics.json").read_text())
-    run_json = lambda run: json.loads((project / "reports/train" / run / "run.json").read_text())
+
+    def run_json(run: str) -> dict:
+        return json.loads((project / "reports/train" / run / "run.json").read_text())
+
     for method in ("lora", "qlora"):
         r2 = run_json(run_name(method, 2, "qv", 42))["eval_loss"]
         assert got["q-r2"][f"eval_loss_{method}"] == pytest.approx(r2, abs=TOL)
-        assert got["q-r4-s3"][f"eval_loss_{method}"] == pytest.approx(ref_metrics[f"eval_loss_{method}"], abs=TOL)
+        assert got["q-r4-s3"][f"eval_loss_{method}"] == pytest.approx(
+            ref_metrics[f"eval_loss_{method}"], abs=TOL)
     assert got["q-r2"]["eval_loss_lora"] != got["q-r4-s3"]["eval_loss_lora"]
     assert got["q-r4-s3"]["noise_floor_cos_sim"] != ref_metrics["noise_floor_cos_sim"]

@@ -30,7 +30,8 @@ LORA = LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv")
 
 def train_cfg(**over) -> TrainCfg:
     base = dict(max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="constant", warmup_steps=0,
-                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True, share_prefix=True, kbit_prep=False,
+                weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
+                share_prefix=True, kbit_prep=False,
                 eval_every=3, save_every=2, threads=1)
     base.update(over)
     return TrainCfg(**base)
@@ -77,8 +78,11 @@ def test_training_order_is_a_function_of_seed_and_groups_lengths():
     assert a == training_order(lengths, 4, 30, seed=1, group_by_length=True)
     assert a != training_order(lengths, 4, 30, seed=2, group_by_length=True)
     assert len(a) == 120 and set(a) <= set(range(100))
-    spread = lambda o: sum(max(lengths[i] for i in o[k:k + 4]) - min(lengths[i] for i in o[k:k + 4])
-                           for k in range(0, len(o), 4))
+
+    def spread(o: list[int]) -> int:
+        return sum(max(lengths[i] for i in o[k:k + 4]) - min(lengths[i] for i in o[k:k + 4])
+                   for k in range(0, len(o), 4))
+
     assert spread(a) < spread(training_order(lengths, 4, 30, seed=1, group_by_length=False))
 
 
@@ -246,7 +250,8 @@ def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_b
     report = tmp_path / "a/report"
     assert json.loads((report / "run.json").read_text())["eval_loss"] == m1["eval_loss"]
     assert len((report / "generations.jsonl").read_text().splitlines()) == GEN.n_generate
-    assert (report / "plots/metrics/train/loss.tsv").is_file() and not (report / "plots/metrics/loss.tsv").exists()
+    assert (report / "plots/metrics/train/loss.tsv").is_file()
+    assert not (report / "plots/metrics/loss.tsv").exists()
     assert (report / "plots/metrics/eval/loss.tsv").is_file()
     assert not (tmp_path / "a/ckpt" / spec.name).exists(), "checkpoints are removed when done"
     # Identical runs on one base write the same bytes, so DVC sees an unchanged output: weights,
@@ -283,10 +288,12 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_pipeline, tiny_base_d
                 os.kill(os.getpid(), signal.SIGKILL)
         transformers.Trainer._save_checkpoint = save_then_die
         train_adapter(RunSpec("qlora", 4, "qv", 5), base_dir=Path({str(tiny_base_dir)!r}),
-            quant_dir=Path({str(tiny_pipeline / 'quantized')!r}), data_dir=Path({str(tiny_pipeline / 'data')!r}),
+            quant_dir=Path({str(tiny_pipeline / 'quantized')!r}),
+            data_dir=Path({str(tiny_pipeline / 'data')!r}),
             base_dtype="bfloat16", compute_dtype="bfloat16", lora={LORA!r}, train={cfg!r},
             gen={GEN!r}, adapter_out=Path({str(tmp_path / 'int/adapter')!r}),
-            report_dir=Path({str(tmp_path / 'int/report')!r}), checkpoint_root=Path({str(tmp_path / 'int/ckpt')!r}))
+            report_dir=Path({str(tmp_path / 'int/report')!r}),
+            checkpoint_root=Path({str(tmp_path / 'int/ckpt')!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
