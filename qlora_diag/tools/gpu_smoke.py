@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from qlora_diag.core.config import load_params, run_name
-from qlora_diag.tools.scratch import dvc, make_scratch_project
-from qlora_diag.tools.smoke import SMOKE_PARAMS
+from qlora_diag.tools.smoke import SMOKE_PARAMS, run_scratch_pipeline
 
-REPO = Path(__file__).resolve().parents[2]
 GPU_SMOKE_PARAMS = {"base.model": "embedded:tiny-llama", **SMOKE_PARAMS}
 # What train.memory.PeakMemory records on each backend (run.json "memory_measure").
 MEMORY_MEASURE = {"cuda": "CUDA peak allocated tensor memory"}
@@ -93,18 +89,10 @@ def main() -> None:
     message = refusal(torch.cuda.is_available(), torch.__version__, torch.version.cuda)
     if message:
         sys.exit(message)
-    dest = Path(tempfile.mkdtemp(prefix="qlora-gpu-smoke-"))
-    make_scratch_project(REPO, dest, GPU_SMOKE_PARAMS)
     print(f"gpu-smoke: {torch.cuda.get_device_name(0)}, capability "
-          f"{torch.cuda.get_device_capability(0)}; scratch project {dest}", flush=True)
-    t0 = time.perf_counter()
-    proc = dvc(dest, "repro", check=False)
-    sys.stdout.write(proc.stdout[-4000:])
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"gpu-smoke: dvc repro failed (exit {proc.returncode}) in {dest}")
+          f"{torch.cuda.get_device_capability(0)}", flush=True)
+    dest = run_scratch_pipeline(GPU_SMOKE_PARAMS, "gpu-smoke")
     problems = check_outputs(dest, device_type="cuda", expected_dtype=resolve_dtype("auto"))
-    print(f"gpu-smoke: pipeline finished in {time.perf_counter() - t0:.0f} s")
     if problems:
         sys.exit("gpu-smoke: FAILED\n" + "\n".join(f"  - {x}" for x in problems))
     print(f"gpu-smoke: passed (devices, dtypes, memory keys, report); outputs in {dest}")

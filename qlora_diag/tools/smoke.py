@@ -24,17 +24,24 @@ SMOKE_PARAMS = {
 }
 
 
-def main() -> None:
-    dest = Path(tempfile.mkdtemp(prefix="qlora-smoke-"))
-    make_scratch_project(REPO, dest, SMOKE_PARAMS)
-    print(f"smoke: scratch project in {dest}; running dvc repro ...", flush=True)
+def run_scratch_pipeline(params: dict, name: str) -> Path:
+    """``dvc repro`` of this repository with ``params`` overrides in a new scratch copy; prints
+    the end of DVC's output and exits with a message if it fails. Returns the copy's path."""
+    dest = Path(tempfile.mkdtemp(prefix=f"qlora-{name}-"))
+    make_scratch_project(REPO, dest, params)
+    print(f"{name}: scratch project in {dest}; running dvc repro ...", flush=True)
     t0 = time.perf_counter()
     proc = dvc(dest, "repro", check=False)
     sys.stdout.write(proc.stdout[-4000:])
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"smoke: dvc repro failed (exit {proc.returncode}) in {dest}")
-    print(f"smoke: pipeline finished in {time.perf_counter() - t0:.0f} s")
+        sys.exit(f"{name}: dvc repro failed (exit {proc.returncode}) in {dest}")
+    print(f"{name}: pipeline finished in {time.perf_counter() - t0:.0f} s")
+    return dest
+
+
+def main() -> None:
+    dest = run_scratch_pipeline(SMOKE_PARAMS, "smoke")
     print(f"smoke: report  {dest / 'reports/report.md'}")
     print(f"smoke: metrics {dest / 'reports/metrics.json'}")
     print(f"smoke: figures {dest / 'reports/figures'}")
