@@ -109,7 +109,7 @@ def test_prepare_stats_and_generation_records_have_the_schema_keys(tiny_tokenize
 
     stats = prepare_dataset(source="embedded:probe", n_train=4, n_eval=4, max_length=96, seed=1,
                             tokenizer=tiny_tokenizer, out_dir=tmp_path / "prepared")
-    assert list(stats) == list(schemas.DATA_KEYS)
+    assert list(stats) == list(schemas.DATA_STATS_KEYS)
     assert list(stats["splits"]) == list(schemas.DATA_SPLITS)
     assert all(list(s) == list(schemas.DATA_SPLIT_KEYS) for s in stats["splits"].values())
     records = load_split(tmp_path / "prepared" / "eval.jsonl")

@@ -16,7 +16,10 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------
 
 # reports/data.json: what the prepared splits hold (DVC output of `prepare`).
-DATA_KEYS = ("source", "n_available", "max_length", "splits")
+# what data.splits.prepare_dataset measures ...
+DATA_STATS_KEYS = ("source", "n_available", "max_length", "splits")
+# ... and the whole file, after stages/prepare.py adds the settings it checked and resolved
+DATA_KEYS = (*DATA_STATS_KEYS, "max_truncated_share", "max_new_tokens")
 # reports/data.json["splits"]["train" | "eval"]
 DATA_SPLIT_KEYS = ("n", "n_dropped", "n_truncated", "tasks", "tokens", "truncated_share", "untruncated",
                    "nearest_rank_p95")
