@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
+from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import configure_threads
 from qlora_diag.models.targets import check_against_model
 from qlora_diag.train.trainer import GenerationCfg, RunSpec, run_summary, train_adapter
@@ -27,6 +28,10 @@ def main() -> None:
     params = load_params("params.yaml")
     spec = parse_run()
     check_against_model(params, Path("models/base"))
+    if params.compare.max_new_tokens == "auto":  # resolved by prepare, not yet read by train/compare
+        raise UserError("compare.max_new_tokens = 'auto': prepare resolves it (see its value in "
+                        "reports/data.json and data/resolved.json), but training and compare do "
+                        "not use the resolved value yet; set that integer in params.yaml")
     threads = configure_threads(params.train.threads)
     print(f"{spec.name}: training on {threads} thread(s)", flush=True)
     m = train_adapter(

@@ -385,3 +385,21 @@ def test_alpaca_file_with_auto_max_new_tokens(alpaca_project):
     assert read_max_new_tokens(alpaca_project / "data" / "resolved.json", "auto") == gen["value"]
     assert f"compare.max_new_tokens = {gen['value']}" in proc.stdout
     assert "warning: compare.max_new_tokens" not in proc.stderr
+
+
+def test_training_refuses_auto_max_new_tokens_before_training(tmp_path, tiny_base_dir):
+    """Until training and compare read data/resolved.json, `auto` stops the train stage at its
+    start with what to do, instead of a TypeError in the first greedy evaluation."""
+    import shutil
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["compare"]["max_new_tokens"] = "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(tiny_base_dir, tmp_path / "models/base")
+    proc = subprocess.run([sys.executable, str(REPO / "stages/train.py"), "--method", "lora",
+                           "--rank", "8", "--targets", "qv", "--seed", "42"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: compare.max_new_tokens = 'auto': prepare resolves it")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models/adapters").exists()
