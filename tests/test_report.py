@@ -197,7 +197,10 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                     "untruncated": {"response": {"mean": 5.3, "p50": 5.0, "p95": 11.0, "max": 15},
                                     "total": {"mean": 53.5, "p50": 52.0, "p95": 70.0, "max": 84}},
                     "nearest_rank_p95": {"response": 11, "total": 70}}
-            for split, n in (("train", 320), ("eval", 64))}}))
+            for split, n in (("train", 320), ("eval", 64))},
+        "max_truncated_share": 0.05,
+        "max_new_tokens": {"setting": 16, "value": 16, "train_response_p95": 11,
+                           "rule": "nearest_rank_p95.response of the train split"}}))
 
     per_task = {42: {"lora": [0.625, 0.5, 0.75, 0.375], "qlora": [0.625, 0.5, 0.375, 0.5]},
                 1: {"lora": [0.5, 0.5, 0.75, 0.5], "qlora": [0.5, 0.625, 0.375, 0.5]}}
