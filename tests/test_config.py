@@ -177,6 +177,10 @@ def test_long_values_are_abbreviated():
     ("data.max_truncated_share", 1.5, "must be in [0, 1] (a share of a split's examples)"),
     ("data.max_truncated_share", -0.1, "must be in [0, 1]"),
     ("compare.gen_batch_size", 0, "must be a positive integer"),
+    ("compare.margin", 0.0, "must be > 0 (an equivalence margin in nats/token"),
+    ("compare.margin", -0.05, "must be > 0"),
+    ("compare.margin_exact_match", 0.0, "must be > 0 (an equivalence margin in exact-match"),
+    ("compare.n_boot", 10, "must be an integer >= 200"),
     ("bench.steps", 0, "must be a positive integer"),
     ("seed", -1, "a seed must be in 0 .. 4294967295"),
     ("seed", 2**32, "a seed must be in 0 .. 4294967295"),
@@ -430,7 +434,7 @@ def test_every_field_has_a_docstring():
             if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                     and isinstance(after.value.value, str) and after.value.value.strip()):
                 undocumented.append(f"{cls.name}.{stmt.target.id}")
-    assert undocumented == [] and n_fields == leaves == 42
+    assert undocumented == [] and n_fields == leaves == 45
 
 
 # --- command line -----------------------------------------------------------------------------

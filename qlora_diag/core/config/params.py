@@ -151,6 +151,18 @@ class CompareCfg:
     """Batch size of generation and of the no-grad forward passes."""
     subspace_k: int = checked(positive)
     """Top-k singular directions of the subspace similarity; at most the smallest rank."""
+    margin: float = checked(lambda v: None if v > 0 else
+                            "must be > 0 (an equivalence margin in nats/token, e.g. 0.05)")
+    """Equivalence margin δ for the paired eval-loss gap QLoRA − LoRA, in nats/token: the
+    verdict is *equivalent* when the 90 % interval of the gap lies inside ±δ, *QLoRA worse /
+    better* when the 95 % interval excludes 0 and the estimate is beyond δ (RESEARCH.md)."""
+    margin_exact_match: float = checked(lambda v: None if v > 0 else
+                                        "must be > 0 (an equivalence margin in exact-match "
+                                        "points, e.g. 5)")
+    """Equivalence margin for the paired exact-match gap, in percentage points."""
+    n_boot: int = checked(lambda v: None if v >= 200 else
+                          "must be an integer >= 200 (bootstrap replicates; 2000 is usual)")
+    """Replicates of the hierarchical bootstrap (seeds, then eval examples within a seed)."""
 
 
 @dataclasses.dataclass(frozen=True)
