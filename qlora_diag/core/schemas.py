@@ -66,6 +66,11 @@ RUN_KEYS = (
 # reports/compare/generations/<case>.jsonl: a greedy generation of one eval example.
 GENERATION_KEYS = ("id", "task", "prompt", "reference", "output", "output_ids", "exact_match")
 
+# One line of reports/train/<run>/examples.jsonl: one eval example of the run, in eval order
+# (``nll_sum`` / ``n_tokens`` summed over the file is the run's eval_loss; ``exact_match`` and
+# ``output`` are null beyond compare.n_generate, where nothing was generated).
+EXAMPLE_KEYS = ("id", "family", "nll_sum", "n_tokens", "exact_match", "output")
+
 # ---------------------------------------------------------------------------------------------
 # Stage compare
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +109,26 @@ NOISE_LORA = "noise_lora"    # LoRA vs LoRA, two seeds: the noise floor
 NOISE_QLORA = "noise_qlora"  # QLoRA vs QLoRA, two seeds: the noise floor
 CROSS_SEED = "cross_seed"    # QLoRA of one seed vs LoRA of another
 PAIR_KINDS = (SAME_SEED, NOISE_LORA, NOISE_QLORA, CROSS_SEED)
+
+# reports/compare/floors.csv: similarity of adapter pairs by kind, the noise floors of H1 (the
+# columns the report needs; the file may hold more, e.g. left/right subspace phi, KL, token
+# match, hidden cosine where computed). Optional: older runs do not have it.
+FLOORS_COLUMNS = ("kind", "seed_a", "seed_b", "cos_sim")
+FLOOR_LORA = "lora-lora"            # two seeds of LoRA: same-method floor
+FLOOR_QLORA = "qlora-qlora"         # two seeds of QLoRA: same-method floor
+FLOOR_CROSS = "lora-qlora-cross"    # LoRA of one seed vs QLoRA of another: what H1 judges
+FLOOR_SAME = "lora-qlora-same"      # same seed: shares the adapter init and batches
+FLOOR_CONTROL = "control"           # same adapter init, other data order: what the init explains
+FLOOR_KINDS = (FLOOR_LORA, FLOOR_QLORA, FLOOR_CROSS, FLOOR_SAME, FLOOR_CONTROL)
+
+# reports/verdicts.json: one entry per hypothesis, each with the decision of its primary paired
+# comparison (SPEC.md, Outputs) beside its status, rule, summary and evidence.
+VERDICT_KEYS = ("hypothesis", "status", "rule", "summary", "comparison", "quantity", "unit",
+                "estimate", "interval", "interval_90", "bootstrap", "margin", "n_seeds",
+                "decision", "seeds_needed", "seeds_needed_for", "sentence", "evidence")
+# verdicts.json[h]["interval" | "interval_90" | "bootstrap"]
+VERDICT_INTERVAL_KEYS = ("low", "high", "level", "over", "method")
+VERDICTS_KEYS = ("h1", "h2", "h3", "failure_modes", "margin", "margin_exact_match")
 
 # The cases of the base reference (keys of base.json's generations) and of the transfer check
 # (keys of transfer.json["cases"]); each has reports/compare/generations/<case>.jsonl.

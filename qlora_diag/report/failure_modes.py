@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
-
+from qlora_diag.report import statistics as st
 from qlora_diag.report.evidence import alignment_text, undoes_quantization_error
+from qlora_diag.report.paired import Comparison
 from qlora_diag.report.verdict_types import FailureMode
 
 # Failure mode "QLoRA is slower": median step times of two runs on a shared 2-core machine
@@ -16,56 +16,51 @@ SLOWDOWN_RATIO = 1.05
 # Failure mode "adapters do not stop": more than 10 % of greedy outputs running into
 # compare.max_new_tokens without an eos is systematic; a few long wrong answers are not.
 NO_STOP_RATE = 0.10
-# Failure mode "per-task drop": a task family counts when QLoRA's exact match is lower by at
-# least two examples' worth (one example flipping is the smallest possible change and happens
-# by chance near a greedy decision boundary) and by more than that task's seed spread.
-MIN_TASK_DROP_EXAMPLES = 2
-
 # The rule of each failure mode, in words (the report lists them all, fired or not).
 FM_RULES = {
-    "quality_gap": "eval_loss_gap (QLoRA − LoRA, means over seeds) > eval_loss_seed_spread",
+    "quality_gap": ("the headline paired eval-loss gap QLoRA − LoRA is decided QLoRA worse "
+                    "(95 % interval excludes 0 and the estimate is beyond compare.margin)"),
     "memory_not_saved": "peak_mem_mb_qlora ≥ peak_mem_mb_lora (the same memory measure for both)",
     "slower": f"step_time_ratio (QLoRA / LoRA median seconds per step) > {SLOWDOWN_RATIO}",
     "transfer_gap": ("the QLoRA adapter's eval loss on the unquantized base, unmerged or merged, "
-                     "exceeds its eval loss on the quantized base by more than "
-                     "eval_loss_seed_spread"),
+                     "exceeds its eval loss on the quantized base (both from the compare pass) "
+                     "by more than compare.margin; one adapter, no interval (the transfer "
+                     "passes keep no per-example records)"),
     "quantized_lora": ("the LoRA adapter's eval loss on the quantized base exceeds its eval loss "
-                       "on the unquantized base by more than eval_loss_seed_spread"),
+                       "on the unquantized base (both from the compare pass) by more than "
+                       "compare.margin; one adapter, no interval"),
     "threshold_unreachable": ("max(noise_floor_cos_sim_lora, noise_floor_cos_sim_qlora) ≤ "
                               "compare.cos_threshold"),
-    "task_drops": (f"for a task family, LoRA − QLoRA exact match (means over seeds) is at least "
-                   f"{MIN_TASK_DROP_EXAMPLES} examples' worth and larger than the task's "
-                   "larger same-method seed spread"),
+    "task_drops": ("for a task family, the paired exact-match gap QLoRA − LoRA (generated "
+                   "examples of every seed) is decided QLoRA worse against "
+                   "compare.margin_exact_match"),
     "no_stop": (f"more than {NO_STOP_RATE:.0%} of a method's greedy outputs hit "
                 "compare.max_new_tokens, while the eval references' 95th-percentile response "
                 "length (with eos) fits within it"),
 }
 
 
-def fm_quality_gap(*, eval_loss_lora: float, eval_loss_qlora: float, eval_loss_gap: float,
-                   seed_spread: float, base_eval_loss: float, base_eval_loss_quantized: float,
+def fm_quality_gap(*, headline: Comparison, eval_loss_lora: float, eval_loss_qlora: float,
+                   base_eval_loss: float, base_eval_loss_quantized: float,
                    alignment_mean: float, alignment_ceiling_mean: float) -> FailureMode | None:
-    """QLoRA's eval loss is worse than LoRA's by more than the seed spread."""
-    if not eval_loss_gap > seed_spread:
+    """The headline paired eval-loss gap is decided *QLoRA worse*."""
+    if headline.label != st.QLORA_WORSE:
         return None
     base_hit = base_eval_loss_quantized - base_eval_loss
     return FailureMode(
-        "quality_gap", "QLoRA quality below LoRA beyond seed noise",
+        "quality_gap", "QLoRA quality below LoRA beyond the margin",
         symptom=(f"QLoRA eval loss {eval_loss_qlora:.4f} vs LoRA {eval_loss_lora:.4f} (means "
-                 f"over seeds; gap "
-                 f"{eval_loss_gap:+.4f} > seed spread {seed_spread:.4f})."),
+                 f"over the paired seeds). {headline.analysis.sentence}"),
         cause=(f"The adapter trains against deq(Q(W)), not W: quantization alone raised the base "
                f"model's eval loss by {base_hit:+.4f} ({base_eval_loss:.4f} → "
-               f"{base_eval_loss_quantized:.4f}), and "
-               f"{alignment_text(alignment_mean, alignment_ceiling_mean)}; a rank-r update "
-               "cannot cancel an error that is close to full rank."),
-        mitigation=("Use a higher rank (see the rank threshold) or adapt more modules; keep the "
-                    "most error-prone layers in 16 bits; train longer; or use 16-bit LoRA when "
+               f"{base_eval_loss_quantized:.4f}, one pass, no interval), and "
+               f"{alignment_text(alignment_mean, alignment_ceiling_mean)}."),
+        mitigation=("Options to test: a higher rank (see the rank threshold), more modules, the "
+                    "most error-prone layers in 16 bits, longer training, or 16-bit LoRA when "
                     "memory allows."),
         rule=FM_RULES["quality_gap"],
         evidence={"eval_loss_lora": eval_loss_lora, "eval_loss_qlora": eval_loss_qlora,
-                  "eval_loss_gap": eval_loss_gap, "eval_loss_seed_spread": seed_spread,
-                  "base_eval_loss": base_eval_loss,
+                  **headline.fields(), "base_eval_loss": base_eval_loss,
                   "base_eval_loss_quantized": base_eval_loss_quantized,
                   "alignment_mean": alignment_mean,
                   "alignment_ceiling_mean": alignment_ceiling_mean})
@@ -132,66 +127,57 @@ def fm_slower(*, step_time_ratio: float, tokens_per_s_lora: float, tokens_per_s_
                   "gradient_checkpointing": gradient_checkpointing})
 
 
-def fm_transfer(*, native_eval_loss: float, on_base_eval_loss: float, merged_eval_loss: float,
-                native_exact_match: float, on_base_exact_match: float,
-                merged_exact_match: float, seed_spread: float, alignment_mean: float,
+def fm_transfer(*, eval_loss_change_base: float, eval_loss_change_merged: float,
+                exact_match_change_base: float, exact_match_change_merged: float,
+                margin: float, alignment_mean: float,
                 alignment_ceiling_mean: float) -> FailureMode | None:
-    """The QLoRA adapter on the unquantized base (unmerged or merged) is worse than on the
-    quantized base it was trained on, by more than the seed spread."""
-    d_base = on_base_eval_loss - native_eval_loss
-    d_merged = merged_eval_loss - native_eval_loss
-    if not (d_base > seed_spread or d_merged > seed_spread):
+    """The QLoRA adapter on the unquantized base (unmerged or merged) has a higher eval loss
+    than on its quantized base by more than ``margin`` (changes from one compare pass:
+    transfer.json's ``eval_loss_change``)."""
+    if not (eval_loss_change_base > margin or eval_loss_change_merged > margin):
         return None
     return FailureMode(
         "transfer_gap", "QLoRA adapter degrades on the unquantized base",
-        symptom=(f"QLoRA adapter eval loss on its quantized base {native_eval_loss:.4f}, on the "
-                 f"unquantized base {on_base_eval_loss:.4f} ({d_base:+.4f}), merged "
-                 f"{merged_eval_loss:.4f} ({d_merged:+.4f}); exact match "
-                 f"{native_exact_match:.3f} → {on_base_exact_match:.3f} / "
-                 f"{merged_exact_match:.3f}."),
+        symptom=(f"QLoRA adapter eval loss on the unquantized base {eval_loss_change_base:+.4f} "
+                 f"nats/token against its quantized base, merged {eval_loss_change_merged:+.4f} "
+                 f"(margin {margin:g}; one adapter of the main seed, no interval); exact match "
+                 f"{100 * exact_match_change_base:+.1f} / {100 * exact_match_change_merged:+.1f} "
+                 "points."),
         cause=("The adapter was fitted to the quantized model deq(Q(W)) + ΔW; on W every frozen "
-               "layer differs by the quantization error the adapter was trained alongside. "
-               + ("Here " + alignment_text(alignment_mean, alignment_ceiling_mean)
-                  + ", so that compensation becomes an error of its own on W."
-                  if undoes_quantization_error(alignment_mean, alignment_ceiling_mean) else
-                  "Here " + alignment_text(alignment_mean, alignment_ceiling_mean)
-                  + ": the co-adaptation is spread through the network's function, not a "
-                    "low-rank correction that could be subtracted.")),
+               "layer differs by the quantization error the adapter was trained alongside. Here "
+               + alignment_text(alignment_mean, alignment_ceiling_mean) + "."),
         mitigation=("Serve the adapter on the same quantized base it was trained on, or merge it "
                     "into deq(Q(W)) instead of W; to deploy on the 16-bit base, fine-tune a "
                     "few steps there."),
         rule=FM_RULES["transfer_gap"],
-        evidence={"native_eval_loss": native_eval_loss, "on_base_eval_loss": on_base_eval_loss,
-                  "merged_eval_loss": merged_eval_loss, "native_exact_match": native_exact_match,
-                  "on_base_exact_match": on_base_exact_match,
-                  "merged_exact_match": merged_exact_match,
-                  "eval_loss_seed_spread": seed_spread, "alignment_mean": alignment_mean,
-                  "alignment_ceiling_mean": alignment_ceiling_mean})
+        evidence={"eval_loss_change_base": eval_loss_change_base,
+                  "eval_loss_change_merged": eval_loss_change_merged,
+                  "exact_match_change_base": exact_match_change_base,
+                  "exact_match_change_merged": exact_match_change_merged, "margin": margin,
+                  "alignment_mean": alignment_mean,
+                  "alignment_ceiling_mean": alignment_ceiling_mean,
+                  "undoes_quantization_error": undoes_quantization_error(
+                      alignment_mean, alignment_ceiling_mean)})
 
 
-def fm_quantized_lora(*, native_eval_loss: float, on_quantized_eval_loss: float,
-                      native_exact_match: float, on_quantized_exact_match: float,
-                      seed_spread: float) -> FailureMode | None:
-    """The LoRA adapter on the quantized base (quantize-after-training) is worse than on the
-    base it was trained on, by more than the seed spread."""
-    delta = on_quantized_eval_loss - native_eval_loss
-    if not delta > seed_spread:
+def fm_quantized_lora(*, eval_loss_change: float, exact_match_change: float,
+                      margin: float) -> FailureMode | None:
+    """The LoRA adapter on the quantized base (quantize-after-training) has a higher eval loss
+    than on its own base by more than ``margin`` (one compare pass)."""
+    if not eval_loss_change > margin:
         return None
     return FailureMode(
         "quantized_lora", "LoRA adapter degrades on the quantized base",
-        symptom=(f"LoRA adapter eval loss {native_eval_loss:.4f} on its base, "
-                 f"{on_quantized_eval_loss:.4f} on the 4-bit base ({delta:+.4f}); exact match "
-                 f"{native_exact_match:.3f} → {on_quantized_exact_match:.3f}."),
+        symptom=(f"LoRA adapter eval loss on the 4-bit base {eval_loss_change:+.4f} nats/token "
+                 f"against its own base (margin {margin:g}; one adapter of the main seed, no "
+                 f"interval); exact match {100 * exact_match_change:+.1f} points."),
         cause=("The adapter was trained on W and never saw the quantization error W − deq(Q(W)); "
                "quantizing the base after training adds that error unchanged."),
-        mitigation=("Train with QLoRA when the model will be served in 4 bits, or serve the "
-                    "LoRA adapter on the unquantized base."),
+        mitigation=("Serve the LoRA adapter on the unquantized base; whether training with QLoRA "
+                    "does better on the 4-bit base is not tested here."),
         rule=FM_RULES["quantized_lora"],
-        evidence={"native_eval_loss": native_eval_loss,
-                  "on_quantized_eval_loss": on_quantized_eval_loss,
-                  "native_exact_match": native_exact_match,
-                  "on_quantized_exact_match": on_quantized_exact_match,
-                  "eval_loss_seed_spread": seed_spread})
+        evidence={"eval_loss_change": eval_loss_change,
+                  "exact_match_change": exact_match_change, "margin": margin})
 
 
 def fm_threshold_unreachable(*, cos_threshold: float, noise_floor_lora: float,
@@ -220,34 +206,23 @@ def fm_threshold_unreachable(*, cos_threshold: float, noise_floor_lora: float,
                   "cos_sim_mean": same_seed_cos_sim, "cross_seed_cos_sim": cross_seed_cos_sim})
 
 
-def fm_task_drops(per_task: pd.DataFrame) -> FailureMode | None:
-    """Task families where QLoRA's exact match is lower than LoRA's by at least
-    :data:`MIN_TASK_DROP_EXAMPLES` examples and by more than the task's seed spread."""
-    d = per_task.assign(noise=per_task[["spread_lora", "spread_qlora"]].max(axis=1),
-                        min_drop=MIN_TASK_DROP_EXAMPLES / per_task["n"].clip(lower=1))
-    hit = d[(d["drop"] >= d["min_drop"] - 1e-9) & (d["drop"] > d["noise"])]
-    if hit.empty:
+def fm_task_drops(families: dict[str, Comparison]) -> FailureMode | None:
+    """Task families whose paired exact-match gap is decided *QLoRA worse*."""
+    hit = {f: c for f, c in families.items() if c.label == st.QLORA_WORSE}
+    if not hit:
         return None
-    listing = "; ".join(f"{r.task}: {r.exact_match_lora:.3f} → {r.exact_match_qlora:.3f} "
-                        f"(n = {r.n}, seed spread {r.noise:.3f})" for r in hit.itertuples())
+    listing = "; ".join(c.analysis.sentence for c in hit.values())
     return FailureMode(
         "task_drops", "Exact match drops on some task families",
         symptom=f"QLoRA answers fewer examples exactly on {len(hit)} task famil"
-                f"{'y' if len(hit) == 1 else 'ies'}: {listing}.",
-        cause=("The eval loss averages over task families and hides a loss concentrated in a "
-               "few: the quantization error moves every frozen weight, and the task families "
-               "differ in how close their greedy answers sit to a decision boundary. With a "
-               "handful of examples per task part of any drop is sampling noise, which is why "
-               "the rule requires it to exceed the seed spread and two examples."),
+                f"{'y' if len(hit) == 1 else 'ies'}: {listing}",
+        cause=("The eval loss averages over task families and can hide a loss concentrated in a "
+               "few. Each family is tested on its own at 5 %, without a multiplicity "
+               "correction over the families."),
         mitigation=("Check the affected tasks with more eval examples (data.n_eval, "
-                    "compare.n_generate) and more seeds; if the drop holds, raise the rank or "
-                    "adapt more modules, or use 16-bit LoRA for those tasks."),
+                    "compare.n_generate) and more seeds before acting on them."),
         rule=FM_RULES["task_drops"],
-        evidence={"tasks": [{"task": r.task, "n": int(r.n),
-                             "exact_match_lora": float(r.exact_match_lora),
-                             "exact_match_qlora": float(r.exact_match_qlora),
-                             "drop": float(r.drop), "seed_spread": float(r.noise)}
-                            for r in hit.itertuples()]})
+        evidence={"tasks": {f: c.fields() for f, c in hit.items()}})
 
 
 def fm_no_stop(*, rate_lora: float, rate_qlora: float, max_new_tokens: int,

@@ -1,71 +1,96 @@
-"""H2, module sensitivity: which target presets are most sensitive to quantization, and does
-per-layer quantization error predict per-layer adapter divergence?"""
+"""H2, module sensitivity: do the target presets differ in how much quantization costs them
+(paired contrasts of their eval-loss gaps against the margin), and does per-layer quantization
+error go with per-layer adapter divergence (a permutation test)?"""
 from __future__ import annotations
 
 import math
 
 import pandas as pd
 
-from qlora_diag.report.evidence import correlation
-from qlora_diag.report.verdict_types import PARTIAL, REJECTED, SUPPORTED, Verdict
+from qlora_diag.report import statistics as st
+from qlora_diag.report.paired import PairedEvidence, no_comparison_fields, over_words
+from qlora_diag.report.verdict_types import (
+    INCONCLUSIVE,
+    PARTIAL,
+    REJECTED,
+    SUPPORTED,
+    Verdict,
+)
 
-# The per-layer relation between quantization error and adapter divergence counts when
-# Spearman's rho is at least 0.5: with >= 30 layer x module rows that is far beyond chance (the
-# two-sided 5 % critical value is ~0.36 at n = 30), and a weaker monotone relation explains
-# under a quarter of the rank variance, too little to steer which layers to keep in 16 bits.
-LAYER_RHO = 0.5
+CORR_ALPHA = 0.05
+N_PERM = 9999
+
+# A contrast's decision in words: the label compares the first preset's gap with the second's.
+CONTRAST_WORDS = {st.QLORA_WORSE: "more sensitive", st.QLORA_BETTER: "less sensitive",
+                  st.EQUIVALENT: "equally sensitive within the margin",
+                  st.INCONCLUSIVE: "inconclusive"}
 
 H2_RULE = (
-    "Presets are ranked by eval-loss gap (QLoRA − LoRA of the main-seed pair, modules.csv; "
-    "largest = most sensitive), with the quality drop % and the KL divergence next to it. "
-    "Supported when the gaps of the presets "
-    "differ by more than the seed spread (max − min gap > spread; the spread is measured at "
-    "lora.r on lora.targets and applied to every preset). Partially supported when they do "
-    "not, but per-layer quantization error (relative Frobenius error of W, layers.csv) and "
-    f"adapter divergence (1 − cos(ΔW)) correlate with Spearman ρ ≥ {LAYER_RHO}. Rejected "
-    "otherwise."
+    "Per preset, the paired eval-loss gap QLoRA − LoRA with its interval (one seed per preset "
+    "except lora.targets: over eval examples, omitting seed noise). Each other preset is "
+    "contrasted with lora.targets by the paired difference of their gaps per eval example of "
+    "the main seed, decided against compare.margin like a gap (difference: 95 % interval "
+    "excludes 0 and the estimate is beyond δ; equivalent: 90 % interval inside ±δ). Supported "
+    "when some contrast is a difference; rejected when every contrast is equivalent; partially "
+    "supported when neither but per-layer quantization error and adapter divergence "
+    "(1 − cos(ΔW), layers.csv) are positively rank-correlated (permutation p < 0.05); "
+    "inconclusive otherwise. Each contrast is tested at 5 % without a multiplicity correction, "
+    "and presets differ in trainable-parameter count (capacity), which a contrast does not "
+    "separate from quantization sensitivity."
 )
 
 
-def verdict_h2(*, modules: pd.DataFrame, layers: pd.DataFrame, seed_spread: float) -> Verdict:
-    """H2: which target presets are most sensitive to quantization, and does per-layer
-    quantization error predict per-layer adapter divergence?"""
-    ranked = modules.sort_values("eval_loss_gap", ascending=False, kind="stable")
-    gap_range = float(ranked["eval_loss_gap"].max() - ranked["eval_loss_gap"].min())
-    differ = gap_range > seed_spread
-    div = layers.assign(divergence=1 - layers["cos_sim"])
-    c_layer = correlation(div, "quant_rel_error", "divergence")
-    layer_rel = not math.isnan(c_layer.spearman) and c_layer.spearman >= LAYER_RHO
-    status = SUPPORTED if differ else (PARTIAL if layer_rel else REJECTED)
-
-    most, least = ranked.iloc[0], ranked.iloc[-1]
-    by_kl = modules.sort_values("kl_mean", ascending=False, kind="stable").iloc[0]["targets"]
-    order = " > ".join(f"{t} ({g:+.4f})"
-                       for t, g in zip(ranked["targets"], ranked["eval_loss_gap"]))
-    parts = [f"gap order {order}",
-             f"the presets differ by {gap_range:.4f} in gap, "
-             f"{'more' if differ else 'no more'} than the seed spread {seed_spread:.4f}",
-             f"most sensitive by KL: {by_kl}"
-             + (" (agrees)" if by_kl == most["targets"] else f" (gap says {most['targets']})")]
-    if math.isnan(c_layer.spearman):
-        parts.append(f"per-layer correlation undetermined (n = {c_layer.n})")
+def verdict_h2(*, paired: PairedEvidence, modules: pd.DataFrame, layers: pd.DataFrame,
+               rng_seed: int) -> Verdict:
+    """H2 on the preset gaps and contrasts of ``paired`` and the per-layer table."""
+    contrasts = paired.contrasts
+    labels = [c.label for c in contrasts.values()]
+    div = layers.assign(divergence=1 - layers["cos_sim"])[["quant_rel_error", "divergence"]]
+    div = div.astype(float).dropna()
+    corr = (st.spearman_test(div["quant_rel_error"], div["divergence"], n_perm=N_PERM,
+                             rng_seed=rng_seed) if len(div) >= 3 else None)
+    layer_rel = corr is not None and corr.p_value < CORR_ALPHA and corr.rho > 0
+    if any(lab in (st.QLORA_WORSE, st.QLORA_BETTER) for lab in labels):
+        status = SUPPORTED
+    elif labels and all(lab == st.EQUIVALENT for lab in labels):
+        status = REJECTED
+    elif layer_rel:
+        status = PARTIAL
     else:
-        parts.append(f"per-layer quantization error vs divergence: Pearson r = "
-                     f"{c_layer.pearson:.2f}, Spearman ρ = {c_layer.spearman:.2f} "
-                     f"(n = {c_layer.n})")
-    body = "; ".join(parts)
-    summary = body[0].upper() + body[1:] + "."
+        status = INCONCLUSIVE
+
+    params = dict(zip(modules["targets"].astype(str), modules["trainable_params"]))
+    gaps = "; ".join(f"{t} {c.estimate:+.3f} [{c.decision.interval95.low:+.3f}, "
+                     f"{c.decision.interval95.high:+.3f}] ({c.label})"
+                     for t, c in paired.per_preset.items())
+    parts = [f"Gaps per preset with 95 % intervals: {gaps}"]
+    for t, c in contrasts.items():
+        i = c.decision.interval95
+        parts.append(f"{c.name}: {c.estimate:+.3f} nats/token [{i.low:+.3f}, {i.high:+.3f}], "
+                     f"{over_words(c)}: {t} {CONTRAST_WORDS[c.label]} than "
+                     f"{paired.lora_targets}"
+                     + (f" ({int(params[t]):,} vs {int(params[paired.lora_targets]):,} "
+                        "trainable parameters)" if t in params and paired.lora_targets in params
+                        else ""))
+    if corr is None or math.isnan(corr.rho):
+        parts.append(f"per-layer correlation undetermined (n = {len(div)})")
+    else:
+        parts.append(f"per-layer quantization error vs divergence: Spearman ρ = {corr.rho:.2f}, "
+                     f"permutation p = {corr.p_value:.3f} (n = {corr.n})")
+    summary = "; ".join(parts) + "."
+    if contrasts:
+        # The primary comparison: the contrast with the largest |estimate| (named as such; it
+        # is selected after looking, so its 5 % error rate holds per contrast, not for the set).
+        name, primary = max(contrasts.items(), key=lambda kv: abs(kv[1].estimate))
+        fields = primary.fields()
+        fields["comparison"] = f"largest of {len(contrasts)} contrast(s): " + fields["comparison"]
+    else:
+        fields = no_comparison_fields("no other preset in sweep.targets to contrast with")
     evidence = {
-        "ranking": [{"targets": str(r["targets"]), "eval_loss_gap": float(r["eval_loss_gap"]),
-                     "quality_drop_pct": float(r["quality_drop_pct"]),
-                     "kl_mean": float(r["kl_mean"]),
-                     "gap_beyond_seed_spread": bool(abs(r["eval_loss_gap"]) > seed_spread)}
-                    for _, r in ranked.iterrows()],
-        "most_sensitive": str(most["targets"]), "least_sensitive": str(least["targets"]),
-        "most_sensitive_by_kl": str(by_kl),
-        "gap_range": gap_range, "eval_loss_seed_spread": seed_spread,
-        "presets_differ_beyond_noise": differ,
-        "corr_quant_error_vs_divergence": c_layer.as_dict(),
+        "per_preset": {t: c.fields() for t, c in paired.per_preset.items()},
+        "contrasts": {t: c.fields() for t, c in contrasts.items()},
+        "trainable_params": {t: int(v) for t, v in params.items()},
+        "corr_quant_error_vs_divergence": None if corr is None else corr.to_dict(),
         "layer_relation": layer_rel,
     }
-    return Verdict("H2", status, H2_RULE, evidence, summary)
+    return Verdict("H2", status, H2_RULE, evidence, summary, fields)

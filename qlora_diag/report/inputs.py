@@ -17,6 +17,8 @@ from qlora_diag.core.schemas import (
     DATA_KEYS,
     DATA_SPLIT_KEYS,
     DATA_SPLITS,
+    EXAMPLE_KEYS,
+    FLOORS_COLUMNS,
     GENERATION_KEYS,
     HEADLINE_KEYS,
     LAYERS_COLUMNS,
@@ -30,7 +32,8 @@ from qlora_diag.core.schemas import (
     SETUP_KEYS,
     SETUP_NESTED_KEYS,
 )
-from qlora_diag.report.evidence import max_length_rate, task_drop_table
+from qlora_diag.report.evidence import max_length_rate
+from qlora_diag.report.paired import PairedEvidence, build_paired_evidence
 from qlora_diag.report.verdicts import Diagnosis, diagnose
 
 
@@ -51,8 +54,15 @@ class ReportInputs:
     seed_runs: dict[str, list[str]]   # method -> run names of every seed at lora.r
     runs: dict[str, dict]             # run name -> run.json
     run_dirs: dict[str, Path]         # run name -> reports/train/<run>
-    per_task: pd.DataFrame            # evidence.task_drop_table over the seed runs
     no_stop_rate: dict[str, float]    # method -> share of outputs hitting max_new_tokens
+    paired: PairedEvidence            # every paired comparison, from the examples.jsonl files
+    floors: pd.DataFrame | None       # compare/floors.csv, None when absent (older runs)
+    transfer: dict | None             # compare/transfer.json, None when absent
+
+    @property
+    def paired_seed(self) -> int:
+        """The main seed: seeds the bootstrap and permutation streams of every test."""
+        return int(self.paired.seed_table["seed"].iloc[0])
 
     @property
     def memory_measure(self) -> str:
@@ -165,6 +175,25 @@ def _read_headline_numbers(reports: Path) -> dict:
     return {k: math.nan if v is None else v for k, v in numbers.items()}
 
 
+def all_runs(params: Params) -> list[str]:
+    """Every run the paired comparisons read: the seed runs at lora.r, the rank sweep and the
+    preset sweep (main seed), as dvc.yaml trains them."""
+    seeds = [params.seed, *params.sweep.seeds]
+    cells = ({(params.lora.r, params.lora.targets, s) for s in seeds}
+             | {(r, params.lora.targets, params.seed) for r in params.sweep.ranks}
+             | {(params.lora.r, t, params.seed) for t in params.sweep.targets})
+    return [run_name(m, r, t, s) for r, t, s in sorted(cells) for m in ("lora", "qlora")]
+
+
+def paired_evidence(examples: dict[str, list[dict]], params: Params) -> PairedEvidence:
+    """:func:`~qlora_diag.report.paired.build_paired_evidence` with the params' settings."""
+    return build_paired_evidence(
+        examples, seed=params.seed, sweep_seeds=params.sweep.seeds, lora_r=params.lora.r,
+        lora_targets=params.lora.targets, ranks=params.sweep.ranks,
+        presets=params.sweep.targets, margin=params.compare.margin,
+        margin_exact_match=params.compare.margin_exact_match, n_boot=params.compare.n_boot)
+
+
 def run_sets(params: Params) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(headline run per method, every seed run per method at rank lora.r, main seed first)."""
     seeds = [params.seed, *params.sweep.seeds]
@@ -183,10 +212,12 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
     run_dirs = {n: reports / "train" / n for n in names}
     runs = {n: _read_json(d / "run.json", RUN_KEYS) for n, d in run_dirs.items()}
     gens = {n: _read_jsonl(d / "generations.jsonl", GENERATION_KEYS) for n, d in run_dirs.items()}
-    first = gens[headline["lora"]]
-    n_per_task = pd.Series([r["task"] for r in first]).value_counts().to_dict()
-    per_task = task_drop_table([runs[n] for n in seed_runs["lora"]],
-                               [runs[n] for n in seed_runs["qlora"]], n_per_task)
+    examples = {n: _read_jsonl(reports / "train" / n / "examples.jsonl", EXAMPLE_KEYS)
+                for n in all_runs(params)}
+    floors_path = reports / "compare" / "floors.csv"
+    floors = _read_csv(floors_path, FLOORS_COLUMNS) if floors_path.exists() else None
+    transfer_path = reports / "compare" / "transfer.json"
+    transfer = _read_json(transfer_path, ("cases",)) if transfer_path.exists() else None
     no_stop = {m: max_length_rate([r for n in seed_runs[m] for r in gens[n]],
                                   params.compare.max_new_tokens) for m in ("lora", "qlora")}
     metrics = _read_headline_numbers(reports)
@@ -201,21 +232,19 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
         data=_read_data(reports / "data.json"),
         setup=_read_setup(reports / "compare" / "setup.json"),
         headline=headline, seed_runs=seed_runs, runs=runs, run_dirs=run_dirs,
-        per_task=per_task, no_stop_rate=no_stop)
+        no_stop_rate=no_stop, paired=paired_evidence(examples, params), floors=floors,
+        transfer=transfer)
 
 
 def diagnose_inputs(inputs: ReportInputs, params: Params) -> Diagnosis:
     """:func:`qlora_diag.report.verdicts.diagnose` on the loaded inputs."""
     return diagnose(
-        metrics=inputs.metrics, ranks=inputs.ranks, modules=inputs.modules,
-        layers=inputs.layers, per_task=inputs.per_task,
-        native_lora=inputs.headline_run("lora"), native_qlora=inputs.headline_run("qlora"),
-        eval_loss_lora_mean=inputs.seed_mean("lora", "eval_loss"),
-        eval_loss_qlora_mean=inputs.seed_mean("qlora", "eval_loss"),
+        paired=inputs.paired, floors=inputs.floors, metrics=inputs.metrics, ranks=inputs.ranks,
+        modules=inputs.modules, layers=inputs.layers, transfer=inputs.transfer,
         gradient_checkpointing=params.train.kbit_prep,
         no_stop_rate_lora=inputs.no_stop_rate["lora"],
         no_stop_rate_qlora=inputs.no_stop_rate["qlora"],
         reference_tokens_p95=float(inputs.data["splits"]["eval"]["tokens"]["response"]["p95"]),
         memory_measure=inputs.memory_measure, cos_threshold=params.compare.cos_threshold,
-        lora_r=params.lora.r, lora_targets=params.lora.targets,
-        max_new_tokens=params.compare.max_new_tokens)
+        lora_targets=params.lora.targets, max_new_tokens=params.compare.max_new_tokens,
+        rng_seed=params.seed)

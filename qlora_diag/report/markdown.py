@@ -32,6 +32,7 @@ from qlora_diag.report.sections.overview import (
 from qlora_diag.report.sections.quality import (
     section_base,
     section_modules,
+    section_paired_gaps,
     section_quality,
     section_ranks,
     section_tasks,
@@ -48,7 +49,7 @@ from qlora_diag.report.verdicts import Diagnosis
 
 # The report's sections in order; render_report writes one `## <name>` each.
 SECTIONS = (
-    "Summary", "Setup", "Headline numbers", "Memory per rank", "Memory accounting",
+    "Summary", "Setup", "Headline numbers", "Paired gaps", "Memory per rank", "Memory accounting",
     "Quality per rank", "Training efficiency", "Noise floor", "Weight similarity per layer",
     "Does the QLoRA adapter undo the quantization error?", "Module sensitivity",
     "Rank threshold", "Quantization error", "Transfer check", "Base model reference",
@@ -64,6 +65,7 @@ def render_report(inputs: ReportInputs, diagnosis: Diagnosis, params: Params,
         "Summary": section_summary(inp, p, diag),
         "Setup": section_setup(inp, p),
         "Headline numbers": section_headline(inp, p),
+        "Paired gaps": section_paired_gaps(inp),
         "Memory per rank": section_memory(inp),
         "Memory accounting": section_accounting(inp, p),
         "Quality per rank": section_quality(inp, p),

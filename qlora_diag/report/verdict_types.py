@@ -10,18 +10,24 @@ SUPPORTED = "supported"
 PARTIAL = "partially supported"
 REJECTED = "rejected"
 NOT_FOUND = "not found in the tested ranks"
+# The paired comparisons cannot decide (e.g. intervals too wide at this number of seeds).
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The verdict on one hypothesis: ``status`` (one of :data:`SUPPORTED`, :data:`PARTIAL`,
-    :data:`REJECTED`, :data:`NOT_FOUND`), the rule in words, the numbers behind it."""
+    :data:`REJECTED`, :data:`NOT_FOUND`, :data:`INCONCLUSIVE`), the rule in words, the numbers
+    behind it, and ``primary``: the verdicts.json fields of the paired comparison it rests on
+    (:meth:`qlora_diag.report.paired.Comparison.fields`: estimate, intervals, margin, n_seeds,
+    decision, seeds needed)."""
 
     hypothesis: str
     status: str
     rule: str
     evidence: dict
     summary: str
+    primary: dict
 
 
 @dataclasses.dataclass(frozen=True)

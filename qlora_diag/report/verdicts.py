@@ -1,8 +1,10 @@
 """Verdicts on H1-H3 and the observed failure modes, computed from one run's numbers.
 
-Every verdict is a pure function of numbers the earlier stages wrote (``reports/metrics.json``
-and ``reports/compare/headline.json``, ``ranks.csv``, ``modules.csv``, ``layers.csv``, the
-per-run ``run.json`` and generations). It returns the status, the rule in words, the numbers the
+Every verdict is a pure function of numbers the earlier stages wrote: the per-example eval
+records of every run (``reports/train/<run>/examples.jsonl``) through the one paired estimator of
+:mod:`~qlora_diag.report.paired`, the noise floors (``reports/compare/floors.csv``) and the
+tables (``ranks.csv``, ``modules.csv``, ``layers.csv``, ``reports/metrics.json``,
+``reports/compare/headline.json``, ``transfer.json``). It returns the status, the rule in words, the numbers the
 rule looked at (``evidence``) and a one-paragraph summary, so the report can show *why*, not
 only *what*. The hypotheses are judged in :mod:`~qlora_diag.report.h1_weight_similarity`,
 :mod:`~qlora_diag.report.h2_module_sensitivity` and :mod:`~qlora_diag.report.h3_rank_threshold`
@@ -29,32 +31,45 @@ from qlora_diag.report.failure_modes import (
     fm_threshold_unreachable,
     fm_transfer,
 )
+from qlora_diag.report.floors import floor_test
 from qlora_diag.report.h1_weight_similarity import verdict_h1
 from qlora_diag.report.h2_module_sensitivity import verdict_h2
 from qlora_diag.report.h3_rank_threshold import verdict_h3
+from qlora_diag.report.paired import PairedEvidence
 from qlora_diag.report.verdict_types import FailureMode, Verdict
+
+
+def _verdict_json(v: Verdict) -> dict:
+    """One hypothesis of verdicts.json: the primary comparison's fields (estimate, intervals,
+    margin, n_seeds, decision, seeds needed) beside the status, rule, summary and evidence."""
+    return {"hypothesis": v.hypothesis, "status": v.status, "rule": v.rule,
+            "summary": v.summary, **v.primary, "evidence": v.evidence}
 
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
     """The verdicts on H1-H3 and the failure modes whose rules fired
-    (``reports/verdicts.json``)."""
+    (``reports/verdicts.json``), with the paired evidence they rest on."""
 
     h1: Verdict
     h2: Verdict
     h3: Verdict
     failure_modes: list[FailureMode]
+    paired: PairedEvidence
 
     def to_json(self) -> dict:
         """JSON-safe dict (nan -> None, numpy scalars -> Python numbers:
         :func:`~qlora_diag.core.numbers.json_safe`)."""
-        return json_safe({"h1": dataclasses.asdict(self.h1), "h2": dataclasses.asdict(self.h2),
-                          "h3": dataclasses.asdict(self.h3),
-                          "failure_modes": [dataclasses.asdict(f) for f in self.failure_modes]})
+        return json_safe({"h1": _verdict_json(self.h1), "h2": _verdict_json(self.h2),
+                          "h3": _verdict_json(self.h3),
+                          "failure_modes": [dataclasses.asdict(f) for f in self.failure_modes],
+                          "margin": self.paired.margin,
+                          "margin_exact_match": self.paired.margin_exact_match})
 
     def lines(self) -> list[str]:
         """One line per verdict and failure mode, for the stage's console output."""
-        out = [f"{v.hypothesis}: {v.status} -- {v.summary}" for v in (self.h1, self.h2, self.h3)]
+        out = [f"{v.hypothesis}: {v.status} ({v.primary['decision']}) -- {v.summary}"
+               for v in (self.h1, self.h2, self.h3)]
         out += [f"failure mode: {f.title} -- {f.symptom}" for f in self.failure_modes]
         return out
 
@@ -63,35 +78,28 @@ def _num(x: Any) -> float:
     return float(x) if x is not None else math.nan
 
 
-def diagnose(*, metrics: dict, ranks: pd.DataFrame, modules: pd.DataFrame, layers: pd.DataFrame,
-             per_task: pd.DataFrame, native_lora: dict, native_qlora: dict,
-             eval_loss_lora_mean: float, eval_loss_qlora_mean: float,
-             gradient_checkpointing: bool,
+def diagnose(*, paired: PairedEvidence, floors: pd.DataFrame | None, metrics: dict,
+             ranks: pd.DataFrame, modules: pd.DataFrame, layers: pd.DataFrame,
+             transfer: dict | None, gradient_checkpointing: bool,
              no_stop_rate_lora: float, no_stop_rate_qlora: float, reference_tokens_p95: float,
-             memory_measure: str, cos_threshold: float, lora_r: int, lora_targets: str,
-             max_new_tokens: int) -> Diagnosis:
-    """H1-H3 and the failure modes whose rules fire. ``metrics`` holds the headline numbers
-    (``reports/metrics.json`` and ``reports/compare/headline.json`` together);
-    ``native_lora`` / ``native_qlora`` are the ``run.json`` of the headline-seed runs whose
-    adapters the transfer check used; ``eval_loss_*_mean`` the means over the seed runs (the
-    terms of ``eval_loss_gap``); ``gradient_checkpointing``: QLoRA trained with it
-    (train.kbit_prep)."""
+             memory_measure: str, cos_threshold: float, lora_targets: str,
+             max_new_tokens: int, rng_seed: int) -> Diagnosis:
+    """H1-H3 and the failure modes whose rules fire. ``paired``: every paired comparison
+    (:func:`~qlora_diag.report.paired.build_paired_evidence`); ``floors``: floors.csv or None
+    when absent; ``metrics`` the headline numbers (``reports/metrics.json`` and
+    ``reports/compare/headline.json``); ``transfer``: compare/transfer.json or None;
+    ``gradient_checkpointing``: QLoRA trained with it (train.kbit_prep)."""
     m = {k: _num(v) for k, v in metrics.items()}
-    spread = m["eval_loss_seed_spread"]
-    h1 = verdict_h1(cos_sim=m["cos_sim_mean"], cos_threshold=cos_threshold,
-                    noise_floor_lora=m["noise_floor_cos_sim_lora"],
-                    noise_floor_qlora=m["noise_floor_cos_sim_qlora"],
-                    cross_seed_cos_sim=m["cross_seed_cos_sim"],
-                    eval_loss_gap=m["eval_loss_gap"], seed_spread=spread,
-                    weights_mb_lora=m["weights_mb_lora"], weights_mb_qlora=m["weights_mb_qlora"],
-                    peak_mem_mb_lora=m["peak_mem_mb_lora"],
-                    peak_mem_mb_qlora=m["peak_mem_mb_qlora"],
-                    sweep=sweep_rows(ranks, modules, lora_targets))
-    h2 = verdict_h2(modules=modules, layers=layers, seed_spread=spread)
-    h3 = verdict_h3(ranks=ranks, seed_spread=spread, lora_r=lora_r)
+    floor = floor_test(floors, "cos_sim", rng_seed=rng_seed)
+    h1 = verdict_h1(paired=paired, floor=floor, cos_threshold=cos_threshold,
+                    sweep=sweep_rows(ranks, modules, lora_targets), rng_seed=rng_seed)
+    h2 = verdict_h2(paired=paired, modules=modules, layers=layers, rng_seed=rng_seed)
+    h3 = verdict_h3(paired=paired)
+    seeds = paired.seed_table
     modes = [
-        fm_quality_gap(eval_loss_lora=eval_loss_lora_mean, eval_loss_qlora=eval_loss_qlora_mean,
-                       eval_loss_gap=m["eval_loss_gap"], seed_spread=spread,
+        fm_quality_gap(headline=paired.headline_loss,
+                       eval_loss_lora=float(seeds["eval_loss_lora"].mean()),
+                       eval_loss_qlora=float(seeds["eval_loss_qlora"].mean()),
                        base_eval_loss=m["base_eval_loss"],
                        base_eval_loss_quantized=m["base_eval_loss_quantized"],
                        alignment_mean=m["alignment_mean"],
@@ -106,26 +114,28 @@ def diagnose(*, metrics: dict, ranks: pd.DataFrame, modules: pd.DataFrame, layer
         fm_slower(step_time_ratio=m["step_time_ratio"], tokens_per_s_lora=m["tokens_per_s_lora"],
                   tokens_per_s_qlora=m["tokens_per_s_qlora"],
                   gradient_checkpointing=gradient_checkpointing),
-        fm_transfer(native_eval_loss=_num(native_qlora["eval_loss"]),
-                    on_base_eval_loss=m["transfer_qlora_on_base_eval_loss"],
-                    merged_eval_loss=m["transfer_qlora_merged_eval_loss"],
-                    native_exact_match=_num(native_qlora["exact_match"]),
-                    on_base_exact_match=m["transfer_qlora_on_base_exact_match"],
-                    merged_exact_match=m["transfer_qlora_merged_exact_match"],
-                    seed_spread=spread, alignment_mean=m["alignment_mean"],
-                    alignment_ceiling_mean=m["alignment_ceiling_mean"]),
-        fm_quantized_lora(native_eval_loss=_num(native_lora["eval_loss"]),
-                          on_quantized_eval_loss=m["transfer_lora_on_quantized_eval_loss"],
-                          native_exact_match=_num(native_lora["exact_match"]),
-                          on_quantized_exact_match=m["transfer_lora_on_quantized_exact_match"],
-                          seed_spread=spread),
         fm_threshold_unreachable(cos_threshold=cos_threshold,
                                  noise_floor_lora=m["noise_floor_cos_sim_lora"],
                                  noise_floor_qlora=m["noise_floor_cos_sim_qlora"],
                                  same_seed_cos_sim=m["cos_sim_mean"],
                                  cross_seed_cos_sim=m["cross_seed_cos_sim"]),
-        fm_task_drops(per_task),
+        fm_task_drops(paired.families_em),
         fm_no_stop(rate_lora=no_stop_rate_lora, rate_qlora=no_stop_rate_qlora,
                    max_new_tokens=max_new_tokens, reference_tokens_p95=reference_tokens_p95),
     ]
-    return Diagnosis(h1, h2, h3, [f for f in modes if f is not None])
+    if transfer is not None:
+        cases = transfer["cases"]
+        modes += [
+            fm_transfer(eval_loss_change_base=_num(cases["qlora_on_base"]["eval_loss_change"]),
+                        eval_loss_change_merged=_num(cases["qlora_merged"]["eval_loss_change"]),
+                        exact_match_change_base=_num(cases["qlora_on_base"]["exact_match_change"]),
+                        exact_match_change_merged=_num(
+                            cases["qlora_merged"]["exact_match_change"]),
+                        margin=paired.margin, alignment_mean=m["alignment_mean"],
+                        alignment_ceiling_mean=m["alignment_ceiling_mean"]),
+            fm_quantized_lora(
+                eval_loss_change=_num(cases["lora_on_quantized"]["eval_loss_change"]),
+                exact_match_change=_num(cases["lora_on_quantized"]["exact_match_change"]),
+                margin=paired.margin),
+        ]
+    return Diagnosis(h1, h2, h3, [f for f in modes if f is not None], paired)

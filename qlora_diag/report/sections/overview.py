@@ -16,16 +16,17 @@ def section_summary(inp: ReportInputs, p: Params, diag: Diagnosis) -> str:
     lines = [
         f"At rank {p.lora.r} on `{p.lora.targets}`, QLoRA's eval loss is "
         f"{fmt.loss(inp.seed_mean('qlora', 'eval_loss'))} against LoRA's "
-        f"{fmt.loss(inp.seed_mean('lora', 'eval_loss'))} (means over {inp.n_seeds} seeds; gap "
-        f"{fmt.gap(m['eval_loss_gap'])}, seed spread {fmt.loss(m['eval_loss_seed_spread'])}); "
-        f"the weights take {fmt.mb(m['weights_mb_qlora'])} MB instead of "
+        f"{fmt.loss(inp.seed_mean('lora', 'eval_loss'))} (means over {inp.n_seeds} seeds). "
+        f"**{inp.paired.headline_loss.label}**: {inp.paired.headline_loss.analysis.sentence} "
+        f"The weights take {fmt.mb(m['weights_mb_qlora'])} MB instead of "
         f"{fmt.mb(m['weights_mb_lora'])} MB, the training peak {fmt.mb(m['peak_mem_mb_qlora'])} "
         f"MB instead of "
         f"{fmt.mb(m['peak_mem_mb_lora'])} MB, and a QLoRA step takes "
         f"{fmt.ratio(m['step_time_ratio'])} as long.",
         "",
     ]
-    lines += [f"- **{v.hypothesis}: {v.status}.** {v.summary}" for v in (diag.h1, diag.h2, diag.h3)]
+    lines += [f"- **{v.hypothesis}: {v.status}** (decision of its primary comparison: "
+              f"{v.primary['decision']}). {v.summary}" for v in (diag.h1, diag.h2, diag.h3)]
     if diag.failure_modes:
         lines.append("- **Failure modes observed**: "
                      + "; ".join(f.title for f in diag.failure_modes) + ".")
@@ -110,8 +111,9 @@ def section_headline(inp: ReportInputs, p: Params) -> str:
         [f"eval loss, mean over {inp.n_seeds} seeds",
          fmt.loss(inp.seed_mean("lora", "eval_loss")),
          fmt.loss(inp.seed_mean("qlora", "eval_loss")),
-         f"gap {fmt.gap(m['eval_loss_gap'])}; seed spread "
-         f"{fmt.loss(m['eval_loss_seed_spread'])}"],
+         f"paired gap {fmt.gap(inp.paired.headline_loss.estimate)}, 95 % interval "
+         f"[{fmt.gap(inp.paired.headline_loss.decision.interval95.low)}, "
+         f"{fmt.gap(inp.paired.headline_loss.decision.interval95.high)}]"],
         [f"exact match, seed {p.seed}", fmt.pct(hl["exact_match"]), fmt.pct(hq["exact_match"]),
          f"base {fmt.pct(m['base_exact_match'])}"],
         [f"exact match, mean over {inp.n_seeds} seeds",
@@ -152,10 +154,9 @@ def section_caveats(inp: ReportInputs, p: Params) -> str:
         f"- One machine ({inp.setup['device']}, {inp.setup['cpu_model']}, "
         f"{inp.setup['threads']} threads); timings and memory are this machine's and vary "
         "between runs by a few percent.",
-        f"- {inp.n_seeds} seeds per method at rank {p.lora.r}; every other rank and preset is "
-        "one run per method. The seed spread measured at rank "
-        f"{p.lora.r} on `{p.lora.targets}` is applied to all ranks and presets, and a spread "
-        f"from {inp.n_seeds} seeds underestimates the true one.",
+        f"- {inp.n_seeds} paired seed(s) at rank {p.lora.r} on `{p.lora.targets}`; every other "
+        "rank and preset is one run per method, so its interval is over eval examples only and "
+        "omits seed noise (it is narrower than one over seeds would be).",
         f"- Short training: {p.train.max_steps} steps of {p.train.batch_size} examples. Weight "
         "similarities between independently trained adapters grow with longer training; the "
         "noise floor here belongs to this training length.",
