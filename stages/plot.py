@@ -15,6 +15,7 @@ from qlora_diag.core.config import load_params
 from qlora_diag.report.figures import load_loss_curves, make_figures
 from qlora_diag.report.inputs import diagnose_inputs, read_inputs
 from qlora_diag.report.markdown import render_report
+from qlora_diag.report.paired import gap_table
 
 REPORTS = Path("reports")
 
@@ -28,7 +29,9 @@ def main() -> None:
         make_figures(out_dir=tmp, ranks=inputs.ranks, modules=inputs.modules,
                      layers=inputs.layers, quant_table=inputs.quant_table,
                      curves=load_loss_curves(inputs.run_dirs, inputs.runs),
-                     seed_spread=m["eval_loss_seed_spread"],
+                     rank_gaps=gap_table(inputs.paired.per_rank, "rank"),
+                     preset_gaps=gap_table(inputs.paired.per_preset, "targets"),
+                     margin=params.compare.margin,
                      cos_threshold=params.compare.cos_threshold,
                      noise_floor_cos_sim=m["noise_floor_cos_sim"],
                      memory_measure=inputs.memory_measure, lora_r=params.lora.r)

@@ -3,11 +3,8 @@ correlations over the sweep, the sweep rows, exact match per task family over th
 how many greedy outputs ran into the token limit, and whether the QLoRA update leans towards
 undoing the quantization error.
 
-The yardstick throughout is the seed noise: a LoRA-vs-QLoRA difference counts only when it is
-larger than the difference between two runs of the *same* method that differ only in seed
-(``eval_loss_seed_spread``, ``noise_floor_cos_sim_*``). The seed runs exist at rank ``lora.r``
-and targets ``lora.targets`` only, so that one noise floor is applied to every rank and preset;
-the rules say so.
+Paired gaps and their decisions are in :mod:`~qlora_diag.report.paired`; this module holds the
+descriptive helpers beside them.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
-import numpy as np
 import pandas as pd
 
 # Fewer points than this give no correlation worth quoting (at n = 3 every ordering is
@@ -63,26 +59,6 @@ def sweep_rows(ranks: pd.DataFrame, modules: pd.DataFrame, lora_targets: str) ->
     m = m[cols].assign(label=list(m["targets"].astype(str)))
     out = pd.concat([r, m], ignore_index=True)
     return out.assign(abs_eval_loss_gap=out["eval_loss_gap"].abs())
-
-
-def task_drop_table(lora_runs: list[dict], qlora_runs: list[dict],
-                   n_per_task: dict[str, int]) -> pd.DataFrame:
-    """Exact match per task family from the runs' ``run.json`` (``exact_match_per_task``):
-    mean over seeds per method, the drop LoRA - QLoRA, and each method's seed spread (max - min
-    over its seeds; 0 with one seed). ``n`` = generated examples of the task."""
-    tasks = sorted(set().union(*(r["exact_match_per_task"] for r in lora_runs + qlora_runs)))
-    rows = []
-    for t in tasks:
-        lo = [r["exact_match_per_task"][t] for r in lora_runs if t in r["exact_match_per_task"]]
-        ql = [r["exact_match_per_task"][t] for r in qlora_runs if t in r["exact_match_per_task"]]
-        rows.append({"task": t, "n": int(n_per_task.get(t, 0)),
-                     "exact_match_lora": float(np.mean(lo)) if lo else math.nan,
-                     "exact_match_qlora": float(np.mean(ql)) if ql else math.nan,
-                     "spread_lora": float(np.ptp(lo)) if lo else math.nan,
-                     "spread_qlora": float(np.ptp(ql)) if ql else math.nan})
-    df = pd.DataFrame(rows, columns=["task", "n", "exact_match_lora", "exact_match_qlora",
-                                     "spread_lora", "spread_qlora"])
-    return df.assign(drop=df["exact_match_lora"] - df["exact_match_qlora"])
 
 
 def max_length_rate(generations: Iterable[dict], max_new_tokens: int) -> float:

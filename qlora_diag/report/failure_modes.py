@@ -197,9 +197,10 @@ def fm_threshold_unreachable(*, cos_threshold: float, noise_floor_lora: float,
                "different low-rank updates with similar effect: only the top singular "
                "directions of two adapters overlap (LoRA paper, Hu et al. 2021, Sec. 7.2), so "
                "cos(ΔW) measures the parametrization more than the function."),
-        mitigation=("Judge LoRA vs QLoRA on function-level numbers against the seed spread "
+        mitigation=("Judge LoRA vs QLoRA on paired function-level gaps against the margin "
                     "(eval loss, KL, token match), or calibrate the weight threshold to the "
-                    "measured noise floor; compare same-seed pairs to isolate quantization."),
+                    "measured noise floor; compare cross-seed LoRA-vs-QLoRA pairs with the same-method "
+                    "floor (same-seed pairs share the adapter init)."),
         rule=FM_RULES["threshold_unreachable"],
         evidence={"cos_threshold": cos_threshold, "noise_floor_cos_sim_lora": noise_floor_lora,
                   "noise_floor_cos_sim_qlora": noise_floor_qlora,

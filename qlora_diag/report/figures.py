@@ -87,19 +87,29 @@ def plot_memory(ranks: pd.DataFrame, memory_measure: str, out: Path) -> Path:
     return out
 
 
-def plot_rank_threshold(ranks: pd.DataFrame, seed_spread: float, cos_threshold: float,
-                        noise_floor_cos_sim: float, lora_r: int, out: Path) -> Path:
-    """Left: eval-loss gap vs rank inside the ±seed-spread band. Right: cos(ΔW) and greedy
-    token match vs rank, with the H1 threshold and the same-method cosine noise floor."""
+def _gap_bars(ax, x, gaps: pd.DataFrame, margin: float) -> None:
+    """Paired gaps with their 95 % interval bars inside the ±margin band."""
+    ax.axhspan(-margin, margin, color="0.85", label=f"± margin ({margin:g}, compare.margin)")
+    ax.axhline(0, color="0.4", lw=0.8)
+    est = gaps["estimate"].to_numpy(float)
+    err = [est - gaps["low"].to_numpy(float), gaps["high"].to_numpy(float) - est]
+    ax.errorbar(x, est, yerr=err, fmt="o", color=PALETTE["QLoRA"], capsize=4,
+                label="paired gap QLoRA − LoRA, 95 % interval")
+
+
+def plot_rank_threshold(ranks: pd.DataFrame, gaps: pd.DataFrame, margin: float,
+                        cos_threshold: float, noise_floor_cos_sim: float, lora_r: int,
+                        out: Path) -> Path:
+    """Left: paired eval-loss gap per rank (``gaps``: rank, estimate, low, high) with its 95 %
+    interval and the ±margin band. Right: cos(ΔW) and greedy token match vs rank, with the H1
+    threshold and the same-method cosine noise floor."""
     d = ranks.sort_values("rank")
+    g = gaps.sort_values("rank")
     with _figure(2, out, "Rank threshold (H3): QLoRA − LoRA per rank") as (fig, (ax_g, ax_s)):
-        ax_g.axhspan(-seed_spread, seed_spread, color="0.85",
-                     label=f"± seed spread ({seed_spread:.4f}, measured at r={lora_r})")
-        ax_g.axhline(0, color="0.4", lw=0.8)
-        ax_g.plot(d["rank"], d["eval_loss_gap"], "o-", color=PALETTE["QLoRA"],
-                  label="eval-loss gap QLoRA − LoRA")
-        ax_g.set(xscale="log", xlabel="LoRA rank r (log scale)",
-                 ylabel="Δ eval loss (nats/token)", title="Quality gap vs seed noise")
+        _gap_bars(ax_g, g["rank"].to_numpy(float), g, margin)
+        ax_g.set(xscale="log", xlabel=f"LoRA rank r (log scale; seeds pooled at r={lora_r}, one "
+                                      "seed elsewhere)",
+                 ylabel="Δ eval loss (nats/token)", title="Paired gap vs the margin")
         ax_s.plot(d["rank"], d["cos_sim_mean"], "o-", color="#2ca02c",
                   label="cos(ΔW) LoRA vs QLoRA, same seed")
         ax_s.plot(d["rank"], d["token_match_rate"], "s-", color="#9467bd",
@@ -131,17 +141,17 @@ def plot_weight_similarity_heatmap(layers: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def plot_module_sensitivity(modules: pd.DataFrame, seed_spread: float, lora_r: int,
-                            out: Path) -> Path:
-    """Per target preset: eval-loss gap (with the seed-spread band), quality drop %, KL."""
+def plot_module_sensitivity(modules: pd.DataFrame, gaps: pd.DataFrame, margin: float,
+                            lora_r: int, out: Path) -> Path:
+    """Per target preset: paired eval-loss gap with its 95 % interval (``gaps``: targets,
+    estimate, low, high) in the ±margin band, quality drop %, KL."""
     d = modules.assign(targets=modules["targets"].astype(str))
+    g = gaps.set_index("targets").loc[list(d["targets"])].reset_index()
     with _figure(3, out, f"Module sensitivity (H2) at rank {lora_r}") as (fig, axes):
         ax_g, ax_q, ax_k = axes
-        ax_g.axhspan(-seed_spread, seed_spread, color="0.85", label="± seed spread")
-        sns.barplot(d, x="targets", y="eval_loss_gap", color=PALETTE["QLoRA"], ax=ax_g)
-        ax_g.axhline(0, color="0.4", lw=0.8)
+        _gap_bars(ax_g, list(g["targets"]), g, margin)
         ax_g.set(xlabel="target preset", ylabel="Δ eval loss (nats/token)",
-                 title="Eval-loss gap QLoRA − LoRA")
+                 title="Paired gap QLoRA − LoRA")
         ax_g.legend(fontsize=7)
         sns.barplot(d, x="targets", y="quality_drop_pct", color="#8c564b", ax=ax_q)
         ax_q.axhline(0, color="0.4", lw=0.8)
@@ -204,16 +214,20 @@ def plot_loss_curves(curves: pd.DataFrame, lora_r: int, out: Path) -> Path:
 
 def make_figures(*, out_dir: Path, ranks: pd.DataFrame, modules: pd.DataFrame,
                  layers: pd.DataFrame, quant_table: pd.DataFrame, curves: pd.DataFrame,
-                 seed_spread: float, cos_threshold: float, noise_floor_cos_sim: float,
+                 rank_gaps: pd.DataFrame, preset_gaps: pd.DataFrame, margin: float,
+                 cos_threshold: float, noise_floor_cos_sim: float,
                  memory_measure: str, lora_r: int) -> dict[str, Path]:
-    """Write every figure of :data:`FIGURES` into ``out_dir``; ``{file name: path}``."""
+    """Write every figure of :data:`FIGURES` into ``out_dir``; ``{file name: path}``.
+    ``rank_gaps`` / ``preset_gaps``: :func:`~qlora_diag.report.paired.gap_table` of the paired
+    comparisons per rank / preset."""
     out_dir = Path(out_dir)
     paths = [
         plot_memory(ranks, memory_measure, out_dir / "memory.png"),
-        plot_rank_threshold(ranks, seed_spread, cos_threshold, noise_floor_cos_sim, lora_r,
-                            out_dir / "rank_threshold.png"),
+        plot_rank_threshold(ranks, rank_gaps, margin, cos_threshold, noise_floor_cos_sim,
+                            lora_r, out_dir / "rank_threshold.png"),
         plot_weight_similarity_heatmap(layers, out_dir / "weight_similarity_heatmap.png"),
-        plot_module_sensitivity(modules, seed_spread, lora_r, out_dir / "module_sensitivity.png"),
+        plot_module_sensitivity(modules, preset_gaps, margin, lora_r,
+                                out_dir / "module_sensitivity.png"),
         plot_quantization_error(quant_table, out_dir / "quantization_error.png"),
         plot_loss_curves(curves, lora_r, out_dir / "loss_curves.png"),
     ]

@@ -108,11 +108,12 @@ def readme_summary(inputs: ReportInputs, diagnosis: Diagnosis, params: Params,
         ["tokens per second", fmt.fixed(m["tokens_per_s_lora"], 1),
          fmt.fixed(m["tokens_per_s_qlora"], 1)],
     ]
-    verdict_lines = [f"- **{v.hypothesis}: {v.status}.** {v.summary}"
+    verdict_lines = [f"- **{v.hypothesis}: {v.status}** ({v.primary['decision']}). {v.summary}"
                      for v in (diagnosis.h1, diagnosis.h2, diagnosis.h3)]
     return "\n".join([
         f"**`{inputs.model}`, rank {p.lora.r} on `{p.lora.targets}`, {inputs.n_seeds} "
-        f"seeds** (seed spread of the eval loss {fmt.loss(m['eval_loss_seed_spread'])}; "
+        f"seeds** ({inputs.paired.headline_loss.label}: "
+        f"{inputs.paired.headline_loss.analysis.sentence} "
         f"same-seed cos(ΔW) {fmt.sim(m['cos_sim_mean'])} vs noise floor "
         f"{fmt.sim(m['noise_floor_cos_sim'])}; token match {fmt.pct(m['token_match_rate'])}):",
         "",

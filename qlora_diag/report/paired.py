@@ -237,6 +237,14 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
                           lora_targets, lora_r)
 
 
+def gap_table(comparisons: Mapping, key: str) -> pd.DataFrame:
+    """``key`` (rank / targets), estimate and 95 % interval of each comparison (for figures)."""
+    return pd.DataFrame([{key: k, "estimate": c.estimate, "low": c.decision.interval95.low,
+                          "high": c.decision.interval95.high, "over": c.decision.over}
+                         for k, c in comparisons.items()],
+                        columns=[key, "estimate", "low", "high", "over"])
+
+
 def over_words(c: Comparison) -> str:
     """What noise the comparison's interval covers, in words for the report."""
     i = c.decision.interval95

@@ -8,10 +8,11 @@ from qlora_diag.report.verdicts import Diagnosis
 
 FIGURE_CAPTIONS = {
     "memory.png": "Memory per rank: weights of the loaded model and training peak, LoRA vs QLoRA",
-    "rank_threshold.png": "Eval-loss gap vs rank within the ± seed-spread band; cos(ΔW) and "
-                          "token match vs rank",
+    "rank_threshold.png": "Paired eval-loss gap vs rank with 95 % intervals and the ± margin "
+                          "band; cos(ΔW) and token match vs rank",
     "weight_similarity_heatmap.png": "cos(ΔW_LoRA, ΔW_QLoRA) per layer and module",
-    "module_sensitivity.png": "Per target preset: eval-loss gap, quality drop and KL",
+    "module_sensitivity.png": "Per target preset: paired eval-loss gap with 95 % interval and "
+                              "the ± margin band, quality drop and KL",
     "quantization_error.png": "Relative error of the frozen weights per module type: NF4 vs "
                               "FP4, with and without double quantization",
     "loss_curves.png": "Train and eval loss of the headline and seed runs",
