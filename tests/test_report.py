@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from qlora_diag.core.config import params_from_dict, run_name
 from qlora_diag.report import figures as plotting
 from qlora_diag.report import markdown as report
 from qlora_diag.report.inputs import diagnose_inputs, read_inputs
+from qlora_diag.report.paired import gap_table
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = [2, 4, 8, 16]
@@ -76,6 +78,38 @@ def write_headline(rep: Path, numbers: dict) -> None:
     for path, keys in ((rep / "metrics.json", schemas.METRICS_KEYS),
                        (rep / "compare" / "headline.json", schemas.HEADLINE_KEYS)):
         path.write_text(json.dumps({k: complete[k] for k in keys}))
+
+
+# Planted paired gap QLoRA − LoRA per example of each (rank, targets) cell, nats/token.
+PLANTED_GAP = 0.2
+
+
+def write_examples(rep: Path, params_raw: dict, n: int = 64, n_generate: int = 16) -> None:
+    """examples.jsonl for every run the report reads (i11a's format): per-example nll sums
+    with a planted gap and a little per-seed and per-example noise, exact match on the first
+    ``n_generate`` examples, null beyond."""
+    from qlora_diag.report.inputs import all_runs
+
+    p = params_from_dict(params_raw)
+    for name in all_runs(p):
+        method, rest = name.split("-", 1)
+        seed = int(name.rsplit("-s", 1)[1])
+        rng = np.random.default_rng(zlib.crc32(rest.encode()))   # shared by LoRA and QLoRA
+        base = 1.4 + 0.3 * np.sin(np.arange(n))
+        tokens = 3 + np.arange(n) % 5
+        shift = (PLANTED_GAP + 0.02 * (seed % 3) + 0.05 * rng.standard_normal(n)
+                 if method == "qlora" else 0.0)
+        d = rep / "train" / name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "examples.jsonl", "w") as fh:
+            for i in range(n):
+                em = None if i >= n_generate else int((i + (method == "qlora")) % 3 == 0)
+                fh.write(json.dumps({"id": f"{i:06d}", "family": TASKS[i % 4],
+                                     "nll_sum": float(tokens[i] * (base[i] + (shift[i] if
+                                                                            method == "qlora"
+                                                                            else 0.0))),
+                                     "n_tokens": int(tokens[i]), "exact_match": em,
+                                     "output": None if em is None else "o"}) + "\n")
 
 
 def fixture_params(raw_edit=None):
@@ -146,7 +180,10 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
     pd.DataFrame([{"task": t, "method": method, "run": s42.get(method, ""), "exact_match": 0.5,
                    "n": 16} for method in ("lora", "qlora", "base", "base_quantized")
                   for t in TASKS]).to_csv(rep / "compare" / "per_task.csv", index=False)
-    (rep / "compare" / "transfer.json").write_text(json.dumps({}))
+    (rep / "compare" / "transfer.json").write_text(json.dumps({"cases": {
+        case: {"eval_loss_change": change, "exact_match_change": -0.02}
+        for case, change in (("qlora_on_base", 0.08), ("qlora_merged", 0.012),
+                             ("lora_on_quantized", 0.3))}}))
     (rep / "compare" / "base.json").write_text(json.dumps({}))
     (rep / "compare" / "setup.json").write_text(json.dumps({
         "model": {"source": "embedded:smollm2-135m-instruct", "model_type": "llama",
@@ -237,6 +274,7 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                                          "reference": "r", "output": "o",
                                          "output_ids": list(range(n_out)),
                                          "exact_match": i % 2 == 0}) + "\n")
+    write_examples(rep, params_raw)
     return root
 
 
@@ -271,13 +309,13 @@ def test_report_has_every_section_table_and_no_placeholder(loaded):
                    "| rank | LoRA (s/step) | QLoRA (s/step) |",          # efficiency
                    "| layer | module | cosine | L2 distance",           # weight similarity
                    "| preset | trainable params |",                     # module sensitivity
-                   "| rank | gap QLoRA − LoRA |",                        # rank threshold
+                   "| rank | paired gap QLoRA − LoRA |",                        # rank threshold
                    "| quantity | quoted model | measured |",             # memory accounting
                    "| format | mean relative error |",                  # quantization error
                    "| pair | pairs | cos(ΔW) |",                         # noise floor
                    "| adapter and base | eval loss |",                  # transfer
                    "| model | eval loss | exact match |",                # base reference
-                   "| task family | examples |"):                        # per task
+                   "| task family | paired examples (all seeds) |"):                        # per task
         assert header in text, header
     _no_placeholder(text)
     for name in plotting.FIGURES:
@@ -288,14 +326,12 @@ def test_report_numbers_come_from_the_inputs(loaded):
     inputs, diag, params = loaded
     text = report.render_report(inputs, diag, params)
     m = METRICS
-    for value in (m["eval_loss_lora"], m["eval_loss_qlora"], m["eval_loss_seed_spread"],
+    for value in (m["eval_loss_lora"], m["eval_loss_qlora"],
                   m["base_eval_loss"], m["transfer_qlora_on_base_eval_loss"],
                   *RUN_EVAL_LOSS.values()):
         assert f"{value:.4f}" in text
     # means over seeds, computed from the runs' run.json
-    assert ("| eval loss, mean over 2 seeds | 0.1835 | 0.2195 | gap +0.0360; seed spread "
-            "0.0530 |") in text
-    assert f"{m['eval_loss_gap']:+.4f}" in text
+    assert "| eval loss, mean over 2 seeds | 0.1835 | 0.2195 | paired gap " in text
     for value in (m["cos_sim_mean"], m["noise_floor_cos_sim_lora"], m["noise_floor_cos_sim_qlora"],
                   m["cross_seed_cos_sim"], m["hidden_cos_sim"], m["alignment_ceiling_mean"]):
         assert f"{value:.3f}" in text
@@ -336,7 +372,7 @@ def test_readme_summary(loaded):
     assert "](reports/figures/rank_threshold.png)" in text
     assert "](reports/figures/memory.png)" in text
     for v in (diag.h1, diag.h2, diag.h3):
-        assert f"**{v.hypothesis}: {v.status}.**" in text
+        assert f"**{v.hypothesis}: {v.status}** ({v.primary['decision']})." in text
     _no_placeholder(text)
 
 
@@ -395,8 +431,9 @@ def test_figures_are_written(loaded, tmp_path):
         out_dir=tmp_path / "fig", ranks=inputs.ranks, modules=inputs.modules,
         layers=inputs.layers, quant_table=inputs.quant_table,
         curves=plotting.load_loss_curves(inputs.run_dirs, inputs.runs),
-        seed_spread=m["eval_loss_seed_spread"],
-        cos_threshold=params.compare.cos_threshold, noise_floor_cos_sim=m["noise_floor_cos_sim"],
+        rank_gaps=gap_table(inputs.paired.per_rank, "rank"),
+        preset_gaps=gap_table(inputs.paired.per_preset, "targets"),
+        margin=params.compare.margin, cos_threshold=params.compare.cos_threshold, noise_floor_cos_sim=m["noise_floor_cos_sim"],
         memory_measure=inputs.memory_measure, lora_r=params.lora.r)
     assert sorted(paths) == sorted(plotting.FIGURES)
     for p in paths.values():
@@ -413,8 +450,13 @@ def test_plot_stage_end_to_end(inputs_dir):
     rep = inputs_dir / "reports"
     assert sorted(p.name for p in (rep / "figures").iterdir()) == sorted(plotting.FIGURES)
     verdicts = json.loads((rep / "verdicts.json").read_text())
-    assert set(verdicts) == {"h1", "h2", "h3", "failure_modes"}
-    assert verdicts["h3"]["evidence"]["r_star"] == 8
+    assert set(verdicts) == set(schemas.VERDICTS_KEYS)
+    for h in ("h1", "h2", "h3"):
+        assert tuple(verdicts[h]) == schemas.VERDICT_KEYS
+    # the fixture plants a gap of 0.2 nats/token (4x the 0.05 margin) at every rank
+    assert verdicts["h3"]["evidence"]["r_star"] is None
+    assert verdicts["h3"]["status"] == "not found in the tested ranks"
+    assert verdicts["h1"]["decision"] == "QLoRA worse"
     assert "## Verdicts" in (rep / "report.md").read_text()
     assert re.search(r"^H1: (rejected|partially supported) -- ", out.stdout, re.M)
     assert not [p for p in rep.iterdir() if p.name.startswith(".")]  # no temp dirs left

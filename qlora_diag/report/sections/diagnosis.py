@@ -2,6 +2,8 @@
 the numbers behind them, and the failure modes (fired, and the rules that did not fire)."""
 from __future__ import annotations
 
+import math
+
 from qlora_diag.core import numbers as fmt
 from qlora_diag.report.failure_modes import FM_RULES
 from qlora_diag.report.verdicts import Diagnosis
@@ -40,10 +42,17 @@ def _evidence_value(v, key: str = "") -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return _number(key, v)
+        return "n/a" if math.isnan(v) else _number(key, v)
     if isinstance(v, dict) and {"pearson", "spearman", "n"} <= set(v):
         return (f"Pearson r = {fmt.fixed(v['pearson'], 3)}, "
                 f"Spearman ρ = {fmt.fixed(v['spearman'], 3)}, n = {v['n']}")
+    if isinstance(v, dict):
+        # nested results (intervals, tests): one "key value" each, the full record in
+        # verdicts.json
+        return ", ".join(f"{k} {_evidence_value(x, k)}" for k, x in v.items()
+                         if not isinstance(x, (dict, list)))
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
     if isinstance(v, list):
         return "; ".join(", ".join(f"{k} {_evidence_value(x, k)}" for k, x in item.items())
                          if isinstance(item, dict) else str(item) for item in v)
