@@ -458,7 +458,7 @@ def test_plot_stage_end_to_end(inputs_dir):
     assert verdicts["h3"]["status"] == "not found in the tested ranks"
     assert verdicts["h1"]["decision"] == "QLoRA worse"
     assert "## Verdicts" in (rep / "report.md").read_text()
-    assert re.search(r"^H1: (rejected|partially supported) -- ", out.stdout, re.M)
+    assert re.search(r"^H1: rejected \(QLoRA worse\) -- ", out.stdout, re.M)
     assert not [p for p in rep.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 

@@ -6,7 +6,8 @@ records of every run (``reports/train/<run>/examples.jsonl``) through the one pa
 tables (``ranks.csv``, ``modules.csv``, ``layers.csv``, ``reports/metrics.json``,
 ``reports/compare/headline.json``, ``transfer.json``). It returns the status, the rule in
 words, the numbers the rule looked at (``evidence``) and a one-paragraph summary, so the
-report can show *why*, not only *what*. The hypotheses are judged in :mod:`~qlora_diag.report.h1_weight_similarity`,
+report can show *why*, not only *what*. The hypotheses are judged in
+:mod:`~qlora_diag.report.h1_weight_similarity`,
 :mod:`~qlora_diag.report.h2_module_sensitivity` and :mod:`~qlora_diag.report.h3_rank_threshold`
 on the evidence of :mod:`~qlora_diag.report.evidence`; the failure modes in
 :mod:`~qlora_diag.report.failure_modes`.
