@@ -433,7 +433,8 @@ def test_figures_are_written(loaded, tmp_path):
         curves=plotting.load_loss_curves(inputs.run_dirs, inputs.runs),
         rank_gaps=gap_table(inputs.paired.per_rank, "rank"),
         preset_gaps=gap_table(inputs.paired.per_preset, "targets"),
-        margin=params.compare.margin, cos_threshold=params.compare.cos_threshold, noise_floor_cos_sim=m["noise_floor_cos_sim"],
+        margin=params.compare.margin, cos_threshold=params.compare.cos_threshold,
+        noise_floor_cos_sim=m["noise_floor_cos_sim"],
         memory_measure=inputs.memory_measure, lora_r=params.lora.r)
     assert sorted(paths) == sorted(plotting.FIGURES)
     for p in paths.values():

@@ -1,52 +1,21 @@
-"""The evidence the verdicts and failure modes look at, computed from one run's tables:
-correlations over the sweep, the sweep rows, exact match per task family over the seed runs,
-how many greedy outputs ran into the token limit, and whether the QLoRA update leans towards
-undoing the quantization error.
+"""Descriptive evidence beside the paired tests: the sweep rows (for H1's rank correlation), how
+many greedy outputs ran into the token limit, and whether the QLoRA update leans towards undoing
+the quantization error.
 
 Paired gaps and their decisions are in :mod:`~qlora_diag.report.paired`; this module holds the
 descriptive helpers beside them.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 
 import pandas as pd
 
-# Fewer points than this give no correlation worth quoting (at n = 3 every ordering is
-# +-1, +-0.5); below it the correlation is reported as undetermined, not as evidence.
-MIN_CORR_POINTS = 4
 # "The QLoRA update leans towards undoing the quantization error" when its alignment with
 # W - deq(Q(W)) reaches at least half of the best cosine any matrix of its rank could reach
 # (the Eckart-Young ceiling); below that most of the update points elsewhere.
 ALIGNED_FRACTION = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class Correlation:
-    """Pearson and Spearman correlation of two columns over ``n`` complete rows (nan when
-    n < :data:`MIN_CORR_POINTS` or a column is constant)."""
-
-    x: str
-    y: str
-    n: int
-    pearson: float
-    spearman: float
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def correlation(df: pd.DataFrame, x: str, y: str) -> Correlation:
-    """Pearson and Spearman (Pearson of average ranks, which is Spearman's rho with ties;
-    pandas' own Spearman needs scipy) of ``df[x]`` and ``df[y]`` over rows where both exist."""
-    d = df[[x, y]].astype("float64").dropna()
-    n = len(d)
-    if n < MIN_CORR_POINTS or d[x].nunique() < 2 or d[y].nunique() < 2:
-        return Correlation(x, y, n, math.nan, math.nan)
-    return Correlation(x, y, n, float(d[x].corr(d[y])),
-                       float(d[x].rank().corr(d[y].rank())))
 
 
 def sweep_rows(ranks: pd.DataFrame, modules: pd.DataFrame, lora_targets: str) -> pd.DataFrame:
