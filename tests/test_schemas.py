@@ -17,6 +17,16 @@ from qlora_diag.core import schemas
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"
+# Committed reference files whose writer changed after the reference run: their schema check is
+# skipped until the coordinator reruns the pipeline and removes them from this set (issue 11:
+# verdicts.json now carries each hypothesis's estimate, interval, margin and decision).
+PENDING_RERUN = {"verdicts.json"}
+
+
+def skip_if_pending_rerun(file: str) -> None:
+    if file in PENDING_RERUN:
+        pytest.skip(f"reports/{file} is from before its writer changed; rerun the reference "
+                    "pipeline and remove it from PENDING_RERUN in tests/test_schemas.py")
 
 
 def columns(path: Path) -> list[str]:
@@ -44,6 +54,16 @@ def test_reference_tables_have_the_schema_columns_in_order(file, schema):
 ])
 def test_reference_json_files_have_the_schema_keys_in_order(file, schema):
     assert keys(REPORTS / file) == list(schema)
+
+
+def test_reference_verdicts_have_the_schema_keys():
+    skip_if_pending_rerun("verdicts.json")
+    verdicts = json.loads((REPORTS / "verdicts.json").read_text())
+    assert list(verdicts) == list(schemas.VERDICTS_KEYS)
+    for h in ("h1", "h2", "h3"):
+        assert list(verdicts[h]) == list(schemas.VERDICT_KEYS), h
+        if verdicts[h]["interval"] is not None:
+            assert list(verdicts[h]["interval"]) == list(schemas.VERDICT_INTERVAL_KEYS), h
 
 
 def test_reference_nested_keys_and_generations():
