@@ -212,7 +212,7 @@ def fm_task_drops(families: dict[str, Comparison]) -> FailureMode | None:
     hit = {f: c for f, c in families.items() if c.label == st.QLORA_WORSE}
     if not hit:
         return None
-    listing = "; ".join(c.analysis.sentence for c in hit.values())
+    listing = " ".join(c.analysis.sentence for c in hit.values())
     return FailureMode(
         "task_drops", "Exact match drops on some task families",
         symptom=f"QLoRA answers fewer examples exactly on {len(hit)} task famil"

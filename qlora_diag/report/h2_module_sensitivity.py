@@ -20,10 +20,14 @@ from qlora_diag.report.verdict_types import (
 CORR_ALPHA = 0.05
 N_PERM = 9999
 
-# A contrast's decision in words: the label compares the first preset's gap with the second's.
-CONTRAST_WORDS = {st.QLORA_WORSE: "more sensitive", st.QLORA_BETTER: "less sensitive",
-                  st.EQUIVALENT: "equally sensitive within the margin",
-                  st.INCONCLUSIVE: "inconclusive"}
+
+
+def contrast_words(label: str, preset: str, base: str) -> str:
+    """A contrast's decision in words (its label compares ``preset``'s gap with ``base``'s)."""
+    return {st.QLORA_WORSE: f"{preset} more sensitive than {base}",
+            st.QLORA_BETTER: f"{preset} less sensitive than {base}",
+            st.EQUIVALENT: f"{preset} and {base} equally sensitive within the margin",
+            st.INCONCLUSIVE: f"undecided between {preset} and {base}"}[label]
 
 H2_RULE = (
     "Per preset, the paired eval-loss gap QLoRA − LoRA with its interval (one seed per preset "
@@ -66,11 +70,11 @@ def verdict_h2(*, paired: PairedEvidence, modules: pd.DataFrame, layers: pd.Data
     parts = [f"Gaps per preset with 95 % intervals: {gaps}"]
     for t, c in contrasts.items():
         i = c.decision.interval95
-        parts.append(f"{c.name}: {c.estimate:+.3f} nats/token [{i.low:+.3f}, {i.high:+.3f}], "
-                     f"{over_words(c)}: {t} {CONTRAST_WORDS[c.label]} than "
-                     f"{paired.lora_targets}"
-                     + (f" ({int(params[t]):,} vs {int(params[paired.lora_targets]):,} "
-                        "trainable parameters)" if t in params and paired.lora_targets in params
+        parts.append(f"{c.name}: {c.estimate:+.3f} nats/token [{i.low:+.3f}, {i.high:+.3f}] "
+                     f"({over_words(c)}), "
+                     f"{contrast_words(c.label, t, paired.lora_targets)}"
+                     + (f", {int(params[t]):,} vs {int(params[paired.lora_targets]):,} "
+                        "trainable parameters" if t in params and paired.lora_targets in params
                         else ""))
     if corr is None or math.isnan(corr.rho):
         parts.append(f"per-layer correlation undetermined (n = {len(div)})")

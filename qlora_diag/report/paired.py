@@ -250,4 +250,4 @@ def over_words(c: Comparison) -> str:
     i = c.decision.interval95
     if i.over == st.OVER_SEEDS:
         return f"t-interval over {i.n_seeds} paired seeds"
-    return (f"interval over the {i.n_examples} eval examples of one seed: it omits seed noise")
+    return f"interval over the {i.n_examples} eval examples of one seed, omitting seed noise"

@@ -3,8 +3,6 @@ preset (module sensitivity, H2), per task family, against the base models and wi
 on the other base (transfer)."""
 from __future__ import annotations
 
-import pandas as pd
-
 from qlora_diag.core import numbers as fmt
 from qlora_diag.core.config import Params
 from qlora_diag.report.inputs import ReportInputs
@@ -61,22 +59,13 @@ def section_quality(inp: ReportInputs, p: Params) -> str:
               "QLoRA models of the same seed on the eval prompts.")
 
 
-def _best_marks(mod: pd.DataFrame) -> list[str]:
-    least = mod["quality_drop_pct"].idxmin()
-    lowest = mod["eval_loss_qlora"].idxmin()
-    return [", ".join(x for x, hit in (("least drop", i == least),
-                                       ("lowest QLoRA loss", i == lowest)) if hit)
-            for i in mod.index]
-
-
 def section_modules(inp: ReportInputs, p: Params, diag: Diagnosis) -> str:
     mod = inp.modules.reset_index(drop=True)
-    marks = _best_marks(mod)
     rows = [[f"`{r['targets']}`", fmt.count(r["trainable_params"]),
              fmt.loss(r["eval_loss_lora"]), fmt.loss(r["eval_loss_qlora"]),
              fmt.gap(r["eval_loss_gap"]), fmt.pct_value(r["quality_drop_pct"]),
              fmt.fixed(r["kl_mean"], 4), fmt.pct(r["token_match_rate"]),
-             fmt.mb(r["weights_mb_qlora"]), fmt.mb(r["peak_mem_mb_qlora"]), marks[i]]
+             fmt.mb(r["weights_mb_qlora"]), fmt.mb(r["peak_mem_mb_qlora"])]
             for i, r in mod.iterrows()]
     pe = inp.paired
     gap_col = [fmt.gap(pe.per_preset[str(t)].estimate) + " " + _ci(pe.per_preset[str(t)])
@@ -85,7 +74,7 @@ def section_modules(inp: ReportInputs, p: Params, diag: Diagnosis) -> str:
         row[4] = g
     return (md_table(["preset", "trainable params", "eval loss LoRA", "eval loss QLoRA",
                       "paired gap [95 % interval]", "quality drop", "KL", "token match", "weights QLoRA (MB)",
-                      "peak QLoRA (MB)", "best"], rows)
+                      "peak QLoRA (MB)"], rows)
             + f"\n\nAt rank {p.lora.r}, seed {p.seed}. Quality drop = relative eval-loss increase "
               f"of QLoRA over LoRA, 100 · (QLoRA − LoRA) / LoRA (`quality_drop_pct`). One seed "
               f"per preset except `{p.lora.targets}` (every seed): the other presets' intervals "
