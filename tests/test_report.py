@@ -84,10 +84,11 @@ def write_headline(rep: Path, numbers: dict) -> None:
 PLANTED_GAP = 0.2
 
 
-def write_examples(rep: Path, params_raw: dict, n: int = 64, n_generate: int = 16) -> None:
+def write_examples(rep: Path, params_raw: dict, n: int = 64, n_generate: int = 16,
+                   seed_gap: dict | None = None) -> None:
     """examples.jsonl for every run the report reads (i11a's format): per-example nll sums
     with a planted gap and a little per-seed and per-example noise, exact match on the first
-    ``n_generate`` examples, null beyond."""
+    ``n_generate`` examples, null beyond. ``seed_gap`` overrides the planted gap per seed."""
     from qlora_diag.report.inputs import all_runs
 
     p = params_from_dict(params_raw)
@@ -97,8 +98,8 @@ def write_examples(rep: Path, params_raw: dict, n: int = 64, n_generate: int = 1
         rng = np.random.default_rng(zlib.crc32(rest.encode()))   # shared by LoRA and QLoRA
         base = 1.4 + 0.3 * np.sin(np.arange(n))
         tokens = 3 + np.arange(n) % 5
-        shift = (PLANTED_GAP + 0.02 * (seed % 3) + 0.05 * rng.standard_normal(n)
-                 if method == "qlora" else 0.0)
+        gap = (seed_gap or {}).get(seed, PLANTED_GAP + 0.02 * (seed % 3))
+        shift = gap + 0.05 * rng.standard_normal(n) if method == "qlora" else 0.0
         d = rep / "train" / name
         d.mkdir(parents=True, exist_ok=True)
         with open(d / "examples.jsonl", "w") as fh:
@@ -471,3 +472,26 @@ def test_stage_reads_the_same_numbers_again(inputs_dir):
     ta = report.render_report(a, diagnose_inputs(a, params), params)
     tb = report.render_report(b, diagnose_inputs(b, params), params)
     assert ta == tb
+
+
+def test_inconclusive_headline_is_never_worded_as_equivalent_or_a_difference(inputs_dir):
+    """Seeds 42 and 1 with gaps +0.3 and −0.2 (every run of seed 42 has +0.3): mean +0.05, a
+    95 % t-interval of about ±3.2 — the headline decision is inconclusive, and no sentence of the
+    summary or of H1 may say equivalent, matching, or one method better."""
+    raw = fixture_params()
+    write_examples(inputs_dir / "reports", raw, seed_gap={42: 0.3, 1: -0.2})
+    inputs, diag, params = _load(inputs_dir)
+    assert inputs.paired.headline_loss.label == "inconclusive"
+    assert diag.h1.status == "inconclusive"
+    text = report.render_report(inputs, diag, params)
+    # the headline paragraph and the H1 line (the other ranks and presets have one seed of +0.3,
+    # so H2/H3 may rightly call those gaps QLoRA worse)
+    summary = text.split("## Summary")[1].split("- **H2:")[0]
+    h1 = text.split("### H1:")[1].split("**Rule.**")[0]
+    for part in (summary, h1):
+        for claim in ("equivalent at this margin", "QLoRA matches", "within noise",
+                      "preferable", "better quality", "QLoRA worse", "QLoRA better",
+                      "the same as"):
+            assert claim not in part, claim
+        assert "inconclusive" in part and "paired seeds would be needed" in part
+    assert "**Eval loss: inconclusive.**" in text
