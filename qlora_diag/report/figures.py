@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on CI or in `dvc repro`
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -88,13 +89,28 @@ def plot_memory(ranks: pd.DataFrame, memory_measure: str, out: Path) -> Path:
 
 
 def _gap_bars(ax, x, gaps: pd.DataFrame, margin: float) -> None:
-    """Paired gaps with their 95 % interval bars inside the ±margin band."""
-    ax.axhspan(-margin, margin, color="0.85", label=f"± margin ({margin:g}, compare.margin)")
+    """Paired gaps with their 95 % interval bars inside the ±margin band; intervals over seeds
+    filled, over the eval examples of one seed (omitting seed noise) open."""
+    ax.axhspan(-margin, margin, color="0.85", label=f"± margin {margin:g}")
     ax.axhline(0, color="0.4", lw=0.8)
-    est = gaps["estimate"].to_numpy(float)
-    err = [est - gaps["low"].to_numpy(float), gaps["high"].to_numpy(float) - est]
-    ax.errorbar(x, est, yerr=err, fmt="o", color=PALETTE["QLoRA"], capsize=4,
-                label="paired gap QLoRA − LoRA, 95 % interval")
+    x = np.asarray(x, dtype=float)
+    for over, face, label in (("seeds", PALETTE["QLoRA"], "gap, 95 % interval over seeds"),
+                              ("examples", "white", "gap, 95 % interval over examples\n"
+                                                    "(1 seed: no seed noise)")):
+        sel = (gaps["over"] == over).to_numpy()
+        if not sel.any():
+            continue
+        est = gaps["estimate"].to_numpy(float)[sel]
+        err = [est - gaps["low"].to_numpy(float)[sel], gaps["high"].to_numpy(float)[sel] - est]
+        ax.errorbar(x[sel], est, yerr=err, fmt="o", color=PALETTE["QLoRA"], mfc=face,
+                    capsize=4, label=label)
+
+
+def _gap_legend(ax) -> None:
+    """The gap panel's legend in a band above the data (the y range grows to make room)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.6 * (hi - lo))
+    ax.legend(loc="upper center", fontsize=6.5, frameon=False)
 
 
 def plot_rank_threshold(ranks: pd.DataFrame, gaps: pd.DataFrame, margin: float,
@@ -123,7 +139,8 @@ def plot_rank_threshold(ranks: pd.DataFrame, gaps: pd.DataFrame, margin: float,
         for ax in (ax_g, ax_s):
             ax.set_xticks(list(d["rank"]), [str(int(r)) for r in d["rank"]])
             ax.minorticks_off()
-            ax.legend(fontsize=7, loc="best")
+        _gap_legend(ax_g)
+        ax_s.legend(fontsize=7, loc="best")
     return out
 
 
@@ -149,10 +166,11 @@ def plot_module_sensitivity(modules: pd.DataFrame, gaps: pd.DataFrame, margin: f
     g = gaps.set_index("targets").loc[list(d["targets"])].reset_index()
     with _figure(3, out, f"Module sensitivity (H2) at rank {lora_r}") as (fig, axes):
         ax_g, ax_q, ax_k = axes
-        _gap_bars(ax_g, list(g["targets"]), g, margin)
+        _gap_bars(ax_g, np.arange(len(g)), g, margin)
+        ax_g.set_xticks(np.arange(len(g)), list(g["targets"]))
         ax_g.set(xlabel="target preset", ylabel="Δ eval loss (nats/token)",
-                 title="Paired gap QLoRA − LoRA")
-        ax_g.legend(fontsize=7)
+                 title="Paired gap QLoRA − LoRA", xlim=(-0.5, len(g) - 0.5))
+        _gap_legend(ax_g)
         sns.barplot(d, x="targets", y="quality_drop_pct", color="#8c564b", ax=ax_q)
         ax_q.axhline(0, color="0.4", lw=0.8)
         ax_q.set(xlabel="target preset", ylabel="quality drop (%)", title="Quality drop")
