@@ -30,7 +30,7 @@ from qlora_diag.report.floors import floor_test
 from qlora_diag.report.h1_weight_similarity import verdict_h1
 from qlora_diag.report.h2_module_sensitivity import verdict_h2
 from qlora_diag.report.h3_rank_threshold import find_r_star, verdict_h3
-from qlora_diag.report.paired import build_paired_evidence
+from qlora_diag.report.paired import Comparison, build_paired_evidence, guard_zero_width
 
 THETA = 0.95
 MARGIN = 1 / 16
@@ -309,13 +309,32 @@ def test_fm_quantized_lora():
                                 margin=MARGIN) is None
 
 
+def _em_family(em_qlora: list[int]) -> Comparison:
+    """One seed, 20 examples of family a; LoRA answers all, QLoRA as given."""
+    rec = st.SeedRecords(7, [1.0] * 20, [1.0] * 20, [1] * 20, [1] * 20, em_qlora, ["a"] * 20)
+    a = guard_zero_width(st.analyze([rec], "exact_match", margin=5.0, n_boot=200, rng_seed=0,
+                                    examples_shared=True, family="a"))
+    return Comparison("a", "family a", a)
+
+
 def test_fm_task_drops_on_the_paired_exact_match_test():
-    pe = paired(ALL_EQ, em_drop="a")
-    assert pe.families_em["a"].label == st.QLORA_WORSE            # −100 points in both seeds
-    assert pe.families_em["b"].label == st.EQUIVALENT
-    f = fm.fm_task_drops(pe.families_em)
+    # 16 of 20 lost: mean −80, sd 41.04, se 9.18, 95 % t(19) interval −80 ± 19.2: QLoRA worse
+    lost = _em_family([0] * 16 + [1] * 4)
+    assert lost.label == st.QLORA_WORSE
+    assert lost.decision.interval95.high == pytest.approx(-80 + 2.093024 * 9.176629, abs=1e-3)
+    f = fm.fm_task_drops({"a": lost})
     assert f is not None and list(f.evidence["tasks"]) == ["a"] and "1 task family" in f.symptom
-    assert fm.fm_task_drops(paired(ALL_EQ).families_em) is None
+    # 2 of 20 lost: −10 ± 2.093·6.88 = [−24.4, +4.4] includes 0: inconclusive, does not fire
+    assert fm.fm_task_drops({"a": _em_family([0] * 2 + [1] * 18)}) is None
+
+
+def test_zero_width_interval_decides_nothing():
+    same = _em_family([1] * 20)                      # every paired difference is 0
+    assert same.decision.interval95.se == 0 and same.label == st.INCONCLUSIVE
+    assert "zero width" in same.analysis.sentence and "equivalent" not in same.analysis.sentence
+    all_lost = _em_family([0] * 20)                  # −100 on every example, no variation
+    assert all_lost.label == st.INCONCLUSIVE and fm.fm_task_drops({"a": all_lost}) is None
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -338,7 +357,8 @@ def test_max_length_rate_counts_outputs_without_eos():
     assert math.isnan(evidence.max_length_rate([], 16))
 
 
-# Failure modes: each fires on its symptom and stays quiet without it
+# ---------------------------------------------------------------------------------------------
+# Failure modes on measured numbers (memory, speed, threshold, stopping)
 # ---------------------------------------------------------------------------------------------
 
 def _memory(peak_q):

@@ -69,6 +69,25 @@ def paired_seed_records(lora_rows: Sequence[dict], qlora_rows: Sequence[dict], s
         family=[a["family"] for a, _ in rows])
 
 
+def guard_zero_width(a: st.GapAnalysis) -> st.GapAnalysis:
+    """A t-interval of zero width (every paired value identical: e.g. exact match on a handful
+    of examples where both methods answer alike in every seed) measures no noise, so no
+    decision rests on it: the label becomes *inconclusive* and the sentence says why."""
+    d = a.decision
+    if d.interval95.se > 0 or d.label == st.INCONCLUSIVE:
+        return a
+    q = st.QUANTITIES[d.quantity]
+    what = q.label if d.family is None else f"{q.label} on {d.family}"
+    basis = (f"{d.interval95.n_seeds} paired seeds" if d.over == st.OVER_SEEDS
+             else f"{d.interval95.n_examples} eval examples of one seed")
+    sentence = (f"QLoRA − LoRA {what}: {d.interval95.estimate:+g} {q.unit} in every one of "
+                f"{basis}; with no variation the interval has zero width and measures no "
+                "noise: inconclusive; more examples or seeds are needed.")
+    dec = dataclasses.replace(d, label=st.INCONCLUSIVE, seeds_needed=None,
+                              seeds_needed_for=None, seeds_needed_z=None)
+    return dataclasses.replace(a, decision=dec, sentence=sentence)
+
+
 def contrast_records(first: st.SeedRecords, second: st.SeedRecords) -> st.SeedRecords:
     """Records whose eval-loss gap is ``gap(first) − gap(second)`` per example of one seed:
     QLoRA side ``nll_qlora(first) + nll_lora(second)``, LoRA side ``nll_lora(first) +
@@ -184,8 +203,8 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
 
     def analyze(recs: list[st.SeedRecords], quantity: str) -> st.GapAnalysis:
         m = margin if quantity == "eval_loss" else margin_exact_match
-        return st.analyze(recs, quantity, margin=m, n_boot=n_boot, rng_seed=seed,
-                          examples_shared=True)
+        return guard_zero_width(st.analyze(recs, quantity, margin=m, n_boot=n_boot,
+                                           rng_seed=seed, examples_shared=True))
 
     loss_recs = [records(lora_r, lora_targets, s, "eval_loss") for s in seeds]
     em_recs = [records(lora_r, lora_targets, s, "exact_match") for s in seeds]
@@ -195,7 +214,8 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
     headline_em = families_em = None
     if all(r is not None for r in em_recs):
         headline_em = Comparison("headline", what_seeds, analyze(em_recs, "exact_match"))
-        families_em = {f: Comparison(f, f"{what_seeds}, task family {f}", a) for f, a in
+        families_em = {f: Comparison(f, f"{what_seeds}, task family {f}", guard_zero_width(a))
+                       for f, a in
                        st.analyze_by_family(em_recs, "exact_match", margin=margin_exact_match,
                                             n_boot=n_boot, rng_seed=seed,
                                             examples_shared=True).items()
