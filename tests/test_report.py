@@ -495,3 +495,25 @@ def test_inconclusive_headline_is_never_worded_as_equivalent_or_a_difference(inp
             assert claim not in part, claim
         assert "inconclusive" in part and "paired seeds would be needed" in part
     assert "**Eval loss: inconclusive.**" in text
+
+
+def test_floors_csv_decides_h1s_weight_level_and_is_tabled(inputs_dir):
+    """With floors.csv present: 4 cross-seed pairs all below 4 same-method pairs in cos_sim,
+    the most extreme of C(8, 4) = 70 splits (two-sided p = 2/70): below the floor, so H1 is
+    rejected whatever the function level says; a KL column is tested and tabled too."""
+    pd.DataFrame({
+        "kind": ["lora-qlora-cross"] * 4 + ["lora-lora"] * 2 + ["qlora-qlora"] * 2
+                + ["lora-qlora-same", "control"],
+        "seed_a": [1] * 10, "seed_b": [2] * 10,
+        "cos_sim": [0.10, 0.11, 0.12, 0.13, 0.20, 0.21, 0.22, 0.23, 0.5, 0.3],
+        "kl": [0.30, 0.31, 0.29, 0.30, 0.28, 0.30, 0.31, 0.29, 0.1, 0.2],
+    }).to_csv(inputs_dir / "reports" / "compare" / "floors.csv", index=False)
+    inputs, diag, params = _load(inputs_dir)
+    ft = diag.h1.evidence["floor_test"]
+    assert ft["outcome"] == "below the floor" and ft["p_value"] == pytest.approx(2 / 70)
+    assert diag.h1.status == "rejected" and "more than a seed change" in diag.h1.summary
+    assert "kl" in diag.h1.evidence["other_floor_tests"]
+    text = report.render_report(inputs, diag, params)
+    assert "| `cos_sim` | 0.115 (n = 4) | 0.215 (0.200–0.230, n = 4) | 0.500 | 0.300 | 0.029 |" \
+        in text
+    assert "| `kl` |" in text

@@ -116,6 +116,22 @@ def floor_test(floors: pd.DataFrame | None, column: str = "cos_sim", *,
                      float(control.mean()) if len(control) else nan)
 
 
+# floors.csv columns that identify a pair rather than measure it.
+ID_COLUMNS = ("kind", "seed_a", "seed_b", "run_a", "run_b", "rank", "targets")
+
+
+def floor_tests(floors: pd.DataFrame | None, *, rng_seed: int = 0) -> dict[str, FloorTest]:
+    """:func:`floor_test` of every measured column of floors.csv (cos_sim first; then e.g.
+    left/right subspace phi, KL, token match, hidden cosine where the compare stage computed
+    them); empty when the file is absent."""
+    if floors is None:
+        return {}
+    cols = [c for c in floors.columns if c not in ID_COLUMNS
+            and pd.api.types.is_numeric_dtype(floors[c]) and floors[c].notna().any()]
+    cols = sorted(cols, key=lambda c: (c != "cos_sim", c))
+    return {c: floor_test(floors, c, rng_seed=rng_seed) for c in cols}
+
+
 def floor_sentence(t: FloorTest, what: str = "cos(ΔW)") -> str:
     """The test in words; "no difference detected" is never worded as "the same"."""
     if t.outcome == UNAVAILABLE:

@@ -40,9 +40,11 @@ H1_RULE = (
 
 
 def verdict_h1(*, paired: PairedEvidence, floor: FloorTest, cos_threshold: float,
-               sweep: pd.DataFrame, rng_seed: int) -> Verdict:
-    """H1 from the headline paired comparison, the weight-level floor test and the sweep rows
-    (:func:`~qlora_diag.report.evidence.sweep_rows`)."""
+               sweep: pd.DataFrame, rng_seed: int,
+               other_floors: dict[str, FloorTest] | None = None) -> Verdict:
+    """H1 from the headline paired comparison, the weight-level floor test of cos(ΔW) and the
+    sweep rows (:func:`~qlora_diag.report.evidence.sweep_rows`); ``other_floors``: the floor
+    tests of floors.csv's other measures, reported in the evidence (they do not decide)."""
     head = paired.headline_loss
     label = head.label
     if label in (st.QLORA_WORSE, st.QLORA_BETTER) or floor.outcome == BELOW:
@@ -80,6 +82,8 @@ def verdict_h1(*, paired: PairedEvidence, floor: FloorTest, cos_threshold: float
         parts.append("Neither level decides H1 at this number of seeds.")
     summary = " ".join(p if p.endswith(".") else p + "." for p in parts)
     evidence = {"headline_interval": over_words(head), "floor_test": floor.as_dict(),
+                "other_floor_tests": {c: t.as_dict() for c, t in (other_floors or {}).items()
+                                      if c != floor.column},
                 "cos_threshold": cos_threshold,
                 "corr_cos_vs_token_match": None if corr is None else corr.to_dict(),
                 "sweep_rows": list(sweep["label"])}

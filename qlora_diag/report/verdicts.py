@@ -32,7 +32,7 @@ from qlora_diag.report.failure_modes import (
     fm_threshold_unreachable,
     fm_transfer,
 )
-from qlora_diag.report.floors import floor_test
+from qlora_diag.report.floors import floor_test, floor_tests
 from qlora_diag.report.h1_weight_similarity import verdict_h1
 from qlora_diag.report.h2_module_sensitivity import verdict_h2
 from qlora_diag.report.h3_rank_threshold import verdict_h3
@@ -93,7 +93,8 @@ def diagnose(*, paired: PairedEvidence, floors: pd.DataFrame | None, metrics: di
     m = {k: _num(v) for k, v in metrics.items()}
     floor = floor_test(floors, "cos_sim", rng_seed=rng_seed)
     h1 = verdict_h1(paired=paired, floor=floor, cos_threshold=cos_threshold,
-                    sweep=sweep_rows(ranks, modules, lora_targets), rng_seed=rng_seed)
+                    sweep=sweep_rows(ranks, modules, lora_targets), rng_seed=rng_seed,
+                    other_floors=floor_tests(floors, rng_seed=rng_seed))
     h2 = verdict_h2(paired=paired, modules=modules, layers=layers, rng_seed=rng_seed)
     h3 = verdict_h3(paired=paired)
     seeds = paired.seed_table

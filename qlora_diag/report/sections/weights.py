@@ -9,7 +9,7 @@ import pandas as pd
 from qlora_diag.core import numbers as fmt
 from qlora_diag.core.schemas import CROSS_SEED, NOISE_LORA, NOISE_QLORA, SAME_SEED
 from qlora_diag.report.evidence import ALIGNED_FRACTION, undoes_quantization_error
-from qlora_diag.report.floors import floor_sentence, floor_test
+from qlora_diag.report.floors import UNAVAILABLE, floor_sentence, floor_test, floor_tests
 from qlora_diag.report.inputs import ReportInputs
 from qlora_diag.report.tables import md_table
 
@@ -41,9 +41,27 @@ def section_noise(inp: ReportInputs) -> str:
             + "\n\nMeans over modules, then over pairs (pairs.csv). Same-seed LoRA vs QLoRA "
               f"({fmt.sim(m['cos_sim_mean'])}) shares the adapter init and the batch order, "
               "which inflates its similarity, so H1 compares the cross-seed pairs with the "
-              f"same-method floor (floors.csv): {floor_sentence(floor)}. The runs behind the "
-              "floor:\n\n"
+              f"same-method floor (floors.csv): {floor_sentence(floor)}."
+            + _floor_table(inp) + "\n\nThe runs behind the floor:\n\n"
             + md_table(["method", "seed", "eval loss", "exact match"], seed_rows))
+
+
+def _floor_table(inp: ReportInputs) -> str:
+    """Every measure of floors.csv: cross-seed LoRA vs QLoRA against the same-method floor."""
+    tests = floor_tests(inp.floors, rng_seed=inp.paired_seed)
+    if not tests:
+        return ""
+    rows = [[f"`{c}`", f"{fmt.fixed(t.cross_mean, 3)} (n = {t.n_cross})",
+             f"{fmt.fixed(t.floor_mean, 3)} ({fmt.fixed(t.floor_min, 3)}–"
+             f"{fmt.fixed(t.floor_max, 3)}, n = {t.n_floor})",
+             fmt.fixed(t.same_seed_mean, 3), fmt.fixed(t.control_mean, 3),
+             fmt.fixed(t.p_value, 3), t.outcome if t.outcome != UNAVAILABLE else t.reason]
+            for c, t in tests.items()]
+    return ("\n\nEvery measure of floors.csv, cross-seed LoRA vs QLoRA against the same-method "
+            "floor (two-sided permutation test of the means; pairs that share a run are not "
+            "independent, so p is approximate):\n\n"
+            + md_table(["measure", "LoRA vs QLoRA, other seed", "same-method floor (range)",
+                        "same seed", "same-init control", "p", "outcome"], rows))
 
 
 def _pick_layers(layers: pd.DataFrame) -> list[int]:
