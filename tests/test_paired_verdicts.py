@@ -66,3 +66,33 @@ def test_floor_test_detects_cross_seed_below_floor_exactly():
     assert abs(t.p_value - 0.1) < 1e-12 and t.outcome != "below the floor"
     t = floor_test(df([0.1, 0.11, 0.12, 0.13], [0.2, 0.21, 0.22, 0.23]))
     assert abs(t.p_value - 2 / 70) < 1e-12 and t.outcome == "below the floor"
+
+
+def test_one_seed_everywhere_builds_every_comparison_over_examples():
+    """No extra seeds: the headline is over eval examples (omits seed noise), a task family with
+    one generated example gets no exact-match interval instead of an error, and the headline
+    gap is the planted 0.25 exactly (dyadic values)."""
+    from qlora_diag.core.run_names import run_name
+    from qlora_diag.report.paired import build_paired_evidence
+
+    def runs(gap):
+        fams = ["x"] * 9 + ["y"]                          # y's one example is generated
+        lora = [{"id": str(i), "family": fams[i], "nll_sum": 1.0 + (i % 2) / 2, "n_tokens": 2,
+                 "exact_match": int(i % 3 == 0) if i >= 5 or i == 9 else None,
+                 "output": None} for i in range(10)]
+        qlora = [r | {"nll_sum": r["nll_sum"] + 2 * gap + (2 ** -8 if i % 2 else -2 ** -8)}
+                 for i, r in enumerate(lora)]
+        return lora, qlora
+
+    ex = {}
+    for r in (2, 8):
+        lo, ql = runs(0.25)
+        ex[run_name("lora", r, "qv", 5)], ex[run_name("qlora", r, "qv", 5)] = lo, ql
+    pe = build_paired_evidence(ex, seed=5, sweep_seeds=[], lora_r=8, lora_targets="qv",
+                               ranks=[2, 8], presets=["qv"], margin=0.05,
+                               margin_exact_match=5.0, n_boot=200)
+    d = pe.headline_loss.decision
+    assert d.over == st.OVER_EXAMPLES and d.interval95.estimate == 0.25
+    assert "omitting seed noise" in pe.headline_loss.analysis.sentence
+    assert "y" not in pe.families_em and set(pe.families_em) <= {"x"}
+    assert pe.trend is None and pe.contrasts == {}

@@ -111,11 +111,12 @@ def readme_summary(inputs: ReportInputs, diagnosis: Diagnosis, params: Params,
     verdict_lines = [f"- **{v.hypothesis}: {v.status}** ({v.primary['decision']}). {v.summary}"
                      for v in (diagnosis.h1, diagnosis.h2, diagnosis.h3)]
     return "\n".join([
-        f"**`{inputs.model}`, rank {p.lora.r} on `{p.lora.targets}`, {inputs.n_seeds} "
-        f"seeds** ({inputs.paired.headline_loss.label}: "
-        f"{inputs.paired.headline_loss.analysis.sentence} "
-        f"same-seed cos(ΔW) {fmt.sim(m['cos_sim_mean'])} vs noise floor "
-        f"{fmt.sim(m['noise_floor_cos_sim'])}; token match {fmt.pct(m['token_match_rate'])}):",
+        f"**`{inputs.model}`, rank {p.lora.r} on `{p.lora.targets}`, {inputs.n_seeds} paired "
+        f"seeds. Eval loss: {inputs.paired.headline_loss.label}.** "
+        f"{inputs.paired.headline_loss.analysis.sentence}"
+        + ("" if inputs.paired.headline_em is None else
+           f" **Exact match: {inputs.paired.headline_em.label}.** "
+           f"{inputs.paired.headline_em.analysis.sentence}"),
         "",
         md_table(["", "LoRA", "QLoRA"], rows),
         "",

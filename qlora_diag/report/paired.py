@@ -214,12 +214,16 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
     headline_em = families_em = None
     if all(r is not None for r in em_recs):
         headline_em = Comparison("headline", what_seeds, analyze(em_recs, "exact_match"))
-        families_em = {f: Comparison(f, f"{what_seeds}, task family {f}", guard_zero_width(a))
-                       for f, a in
-                       st.analyze_by_family(em_recs, "exact_match", margin=margin_exact_match,
-                                            n_boot=n_boot, rng_seed=seed,
-                                            examples_shared=True).items()
-                       if sum(len(r.terms("exact_match", f)[0]) for r in em_recs) >= 2}
+        common = set.intersection(*(set(r.family.tolist()) for r in em_recs))
+        families_em = {}
+        for f in sorted(common):
+            # one seed: an interval over examples needs at least two of the family
+            if len(em_recs) == 1 and len(em_recs[0].terms("exact_match", f)[0]) < 2:
+                continue
+            a = st.analyze(em_recs, "exact_match", margin=margin_exact_match, n_boot=n_boot,
+                           rng_seed=seed, examples_shared=True, family=f)
+            families_em[f] = Comparison(f, f"{what_seeds}, task family {f}",
+                                        guard_zero_width(a))
     seed_table = pd.DataFrame([_seed_row(s, lo, em) for s, lo, em in
                                zip(seeds, loss_recs, em_recs)])
 
