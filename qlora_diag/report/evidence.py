@@ -51,5 +51,9 @@ def alignment_text(alignment_mean: float, alignment_ceiling_mean: float) -> str:
     numbers = (f"cos(ΔW_QLoRA − ΔW_LoRA, W − deq(Q(W))) = {alignment_mean:.3f}, best possible "
                f"at this rank {alignment_ceiling_mean:.3f}")
     if undoes_quantization_error(alignment_mean, alignment_ceiling_mean):
-        return f"the QLoRA update leans towards undoing the quantization error ({numbers})"
-    return f"the QLoRA update does not undo the quantization error ({numbers})"
+        return (f"the QLoRA update's alignment with the quantization error reaches "
+                f"{ALIGNED_FRACTION:g} of the best its rank allows ({numbers}; one adapter, a "
+                "descriptive threshold, not a test)")
+    return (f"the QLoRA update's alignment with the quantization error stays below "
+            f"{ALIGNED_FRACTION:g} of the best its rank allows ({numbers}; one adapter, a "
+            "descriptive threshold, not a test)")
