@@ -383,7 +383,9 @@ def test_no_default_remote_says_how_to_add_one(scratch):
 def test_submit_without_slurm_commands_or_with_a_bad_sbatch_argument(scratch, monkeypatch):
     monkeypatch.chdir(scratch)
     real_which = shutil.which
-    monkeypatch.setattr(D.shutil, "which", lambda t: None if t in ("sbatch", "squeue") else real_which(t))
+    # scontrol and scancel present whether or not this machine has SLURM installed
+    monkeypatch.setattr(D.shutil, "which", lambda t: None if t in ("sbatch", "squeue") else (
+        f"/usr/bin/{t}" if t in ("scontrol", "scancel") else real_which(t)))
     with pytest.raises(UserError, match=r"^sbatch, squeue: not found on PATH; "
                                         r"submit from a machine of the SLURM cluster"):
         D.main(["submit"])
