@@ -56,7 +56,7 @@ def quant_config_key(quant_type: str, double_quant: bool) -> str:
 
 # reports/train/<run>/run.json, in the order training writes them.
 RUN_KEYS = (
-    "run", "method", "rank", "targets", "seed", "optimizer", "device", "dtype", "kbit_prep",
+    "run", "method", "rank", "targets", "seed", "data_seed", "optimizer", "device", "dtype", "kbit_prep",
     "trainable_params", "eval_loss", "eval_perplexity", "eval_tokens", "train_loss_final",
     "exact_match", "exact_match_per_task", "weights_mb", "peak_mem_mb", "peak_mem_growth_mb",
     "memory_measure", "step_time_median_s", "tokens_per_s", "timed_steps", "resumed_from_step",
@@ -65,6 +65,11 @@ RUN_KEYS = (
 # One line of reports/train/<run>/generations.jsonl and of
 # reports/compare/generations/<case>.jsonl: a greedy generation of one eval example.
 GENERATION_KEYS = ("id", "task", "prompt", "reference", "output", "output_ids", "exact_match")
+# One line of reports/train/<run>/examples.jsonl and of reports/compare/examples/<name>.jsonl:
+# one eval example, in eval-split order (qlora_diag.core.examples). nll_sum = summed response
+# negative log-likelihood in nats (sum(nll_sum) / sum(n_tokens) is the eval loss); exact_match
+# (0/1) and output (the greedy answer) for the first compare.n_generate examples, null after.
+EXAMPLE_KEYS = ("id", "family", "nll_sum", "n_tokens", "exact_match", "output")
 
 # ---------------------------------------------------------------------------------------------
 # Stage compare
