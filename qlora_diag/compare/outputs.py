@@ -1,6 +1,7 @@
 """Writing the comparison: ``reports/metrics.json`` (the DVC metrics), ``reports/{ranks,modules,
-layers}.csv`` and ``reports/compare/`` (the other tables, the headline numbers beyond the
-metrics, base reference, transfer check, setup and the cases' generations), plus the stage's
+layers}.csv`` and ``reports/compare/`` (the other tables, the noise floors, the headline numbers beyond the
+metrics, base reference, transfer check, setup, the cases' generations and per-example
+records), plus the stage's
 console summary. Columns and keys follow :mod:`qlora_diag.core.schemas`.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pandas as pd
 from qlora_diag.compare.run import ComparePaths, CompareResult
 from qlora_diag.core import numbers as fmt
 from qlora_diag.core.atomic import atomic_dir, atomic_file, write_json
+from qlora_diag.core.examples import write_examples
 from qlora_diag.core.schemas import TRANSFER_CASES, split_headline
 
 
@@ -30,6 +32,9 @@ def write_outputs(result: CompareResult, paths: ComparePaths) -> None:
         result.per_task.to_csv(tmp / "per_task.csv", index=False, float_format="%.6g")
         result.function.to_csv(tmp / "function.csv", index=False, float_format="%.6g")
         result.seeds.to_csv(tmp / "seeds.csv", index=False, float_format="%.6g")
+        result.floors.to_csv(tmp / "floors.csv", index=False, float_format="%.6g")
+        result.function_floors.to_csv(tmp / "function_floors.csv", index=False,
+                                      float_format="%.6g")
         for name, obj in (("headline", headline), ("base", result.base),
                           ("transfer", result.transfer), ("setup", result.setup)):
             (tmp / f"{name}.json").write_text(json.dumps(fmt.json_safe(obj), indent=2) + "\n")
@@ -38,6 +43,9 @@ def write_outputs(result: CompareResult, paths: ComparePaths) -> None:
             with open(tmp / "generations" / f"{case}.jsonl", "w") as fh:
                 for row in rows:
                     fh.write(json.dumps(row) + "\n")
+        (tmp / "examples").mkdir()
+        for case, rows in result.examples.items():
+            write_examples(tmp / "examples" / f"{case}.jsonl", rows)
     _write_csv(paths.reports_dir / "ranks.csv", result.ranks)
     _write_csv(paths.reports_dir / "modules.csv", result.modules)
     _write_csv(paths.reports_dir / "layers.csv", result.layers)
