@@ -67,6 +67,15 @@ NOT_READ = {
     "exact_match_qlora_std": 0.0, "same_seed_cos_sim_over_seeds": 0.5312,
     "step_time_lora_s": 1.21, "step_time_qlora_s": 1.66, "base_kl_mean": 0.1102,
     "base_hidden_cos_sim": 0.9712, "base_token_match_rate": 0.4211,
+    "alignment_chance_mean": 0.0016,
+    "transfer_native_lora_eval_loss": 0.2012, "transfer_native_lora_exact_match": 0.5625,
+    "transfer_native_qlora_eval_loss": 0.2458, "transfer_native_qlora_exact_match": 0.5156,
+    "transfer_qlora_on_base_eval_loss_change": 0.0563,
+    "transfer_qlora_on_base_exact_match_change": -0.0781,
+    "transfer_qlora_merged_eval_loss_change": 0.0566,
+    "transfer_qlora_merged_exact_match_change": -0.0781,
+    "transfer_lora_on_quantized_eval_loss_change": 0.0599,
+    "transfer_lora_on_quantized_exact_match_change": -0.0781,
 }
 
 
@@ -129,7 +138,7 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                          "frob_dist": 0.2 * (1.1 - cos), "subspace_sim": 0.45,
                          "norm_lora": 0.21, "norm_qlora": 0.22, "norm_residual": 0.93,
                          "alignment": 0.02, "alignment_ceiling": 0.12, "quant_rel_error": qerr,
-                         "alignment_qlora": 0.01})
+                         "alignment_qlora": 0.01, "alignment_chance": 0.0016})
     pd.DataFrame(rows).to_csv(rep / "layers.csv", index=False)
 
     s42 = {m_: run_name(m_, 8, "qv", 42) for m_ in ("lora", "qlora")}
@@ -219,6 +228,7 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
             row = _pair_row(2, 8, m["eval_loss_gap"])
             (d / "run.json").write_text(json.dumps({
                 "run": name, "method": method, "rank": 8, "targets": "qv", "seed": seed,
+                "data_seed": seed,
                 "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
                 "kbit_prep": False, "trainable_params": row["trainable_params"],
                 "eval_loss": base_loss, "eval_perplexity": math.exp(base_loss),
