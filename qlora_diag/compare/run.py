@@ -12,7 +12,15 @@ Four views of the trained runs (:mod:`qlora_diag.compare.runs` lists them for a 
    states on response positions).
 3. **Base reference**: the base model without adapter, 16-bit and 4-bit.
 4. **Transfer**: the QLoRA adapter on the 16-bit base (unmerged and merged), the LoRA adapter on
-   the 4-bit base: what a user deploying across base precisions gets.
+   the 4-bit base: what a user deploying across base precisions gets. The native pairings are
+   evaluated here too, so both sides of every transfer change come from this process.
+5. **Noise floors** (:mod:`qlora_diag.compare.floors`): every seed pair of one method, the
+   cross-seed and same-seed LoRA/QLoRA pairs and the same-init control, at the weight level;
+   KL, hidden cosine and token match between consecutive seeds (and the control) at the
+   function level.
+
+Every model evaluated here (the bases, the native and transfer pairings) also leaves its
+per-example records (:mod:`qlora_diag.core.examples`) in ``reports/compare/examples/``.
 
 Each model is loaded once (``models/base`` and ``models/quantized``); adapters are attached with
 ``PeftModel.from_pretrained`` and removed with ``.unload()``, so memory stays at two bases plus
