@@ -283,6 +283,7 @@ def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_b
     np.testing.assert_allclose([r["nll_sum"] for r in ex], fresh.nll_sums, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_init_control_shares_the_init_and_not_the_batches(tiny_pipeline, tiny_base_dir,
                                                                tmp_path):
     """``data_seed`` moves the batch order and nothing of the init. With lr = 0 the adapter
