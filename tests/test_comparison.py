@@ -16,7 +16,7 @@ import torch
 from qlora_diag.compare import floors, headline, runs
 from qlora_diag.compare import function as fn
 from qlora_diag.compare import run as cmp
-from qlora_diag.compare.outputs import write_outputs
+from qlora_diag.compare.outputs import summary_lines, write_outputs
 from qlora_diag.core import schemas
 from qlora_diag.core.config import (
     BaseCfg,
@@ -405,6 +405,14 @@ def test_weight_floors_match_a_dense_computation(compared):
     pairs = result.pairs.set_index(["run_a", "run_b"])
     same = fl[fl["kind"] == "lora-qlora-same"].iloc[0]
     assert pairs.loc[(same.run_b, same.run_a), "cos_sim_mean"] == pytest.approx(same.cos_sim_mean)
+
+
+def test_summary_names_every_floor_kind(compared):
+    result, _ = compared
+    line = next(x for x in summary_lines(result) if x.startswith("cos(ΔW) floors"))
+    for kind in schemas.FLOOR_KINDS:
+        value = result.floors.loc[result.floors["kind"] == kind, "cos_sim_mean"].mean()
+        assert f"{kind} {value:.3f}" in line
 
 
 def test_function_floors_known_answers(compared):

@@ -15,7 +15,7 @@ from qlora_diag.compare.run import ComparePaths, CompareResult
 from qlora_diag.core import numbers as fmt
 from qlora_diag.core.atomic import atomic_dir, atomic_file, write_json
 from qlora_diag.core.examples import write_examples
-from qlora_diag.core.schemas import TRANSFER_CASES, split_headline
+from qlora_diag.core.schemas import FLOOR_KINDS, TRANSFER_CASES, split_headline
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -53,7 +53,8 @@ def write_outputs(result: CompareResult, paths: ComparePaths) -> None:
 
 
 def summary_lines(result: CompareResult) -> list[str]:
-    """One line per rank, then the headline with its noise floor and the transfer check."""
+    """One line per rank, then the headline with its noise floor, the weight-level floors by
+    kind and the transfer check."""
     lines = []
     for row in result.ranks.itertuples():
         lines.append(f"r={row.rank:<3} eval_loss lora {row.eval_loss_lora:.4f} qlora "
@@ -66,6 +67,9 @@ def summary_lines(result: CompareResult) -> list[str]:
                  f"); cos(ΔW) {m['cos_sim_mean']:.3f} vs noise floor "
                  f"{fmt.fixed(m['noise_floor_cos_sim'], 4)}; base loss "
                  f"{m['base_eval_loss']:.4f} -> {m['base_eval_loss_quantized']:.4f} quantized")
+    by_kind = result.floors.groupby("kind")["cos_sim_mean"].mean()
+    lines.append("cos(ΔW) floors, mean over pairs: " + "  ".join(
+        f"{kind} {by_kind[kind]:.3f}" for kind in FLOOR_KINDS if kind in by_kind))
     lines.append("transfer: " + "  ".join(
         f"{c} loss {m[f'transfer_{c}_eval_loss']:.4f} em {m[f'transfer_{c}_exact_match']:.3f}"
         for c in TRANSFER_CASES))
