@@ -19,9 +19,13 @@ def parse_run() -> RunSpec:
     parser.add_argument("--method", choices=["lora", "qlora"], required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--targets", required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True, help="adapter init seed")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="batch order and dropout seed (default: --seed); another seed "
+                             "makes the same-init control")
     a = parser.parse_args()
-    return RunSpec(method=a.method, rank=a.rank, targets=a.targets, seed=a.seed)
+    return RunSpec(method=a.method, rank=a.rank, targets=a.targets, seed=a.seed,
+                   data_seed=a.data_seed)
 
 
 def main() -> None:

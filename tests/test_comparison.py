@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
+from qlora_diag.compare import floors, headline, runs
 from qlora_diag.compare import function as fn
-from qlora_diag.compare import headline, runs
 from qlora_diag.compare import run as cmp
-from qlora_diag.compare.outputs import write_outputs
+from qlora_diag.compare.outputs import summary_lines, write_outputs
 from qlora_diag.core import schemas
 from qlora_diag.core.config import (
     BaseCfg,
@@ -28,7 +28,9 @@ from qlora_diag.core.config import (
     run_name,
 )
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.examples import mean_loss, read_examples
 from qlora_diag.core.numbers import json_safe
+from qlora_diag.data.splits import load_split
 from qlora_diag.train.trainer import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +151,12 @@ def test_noise_floor_pairs_are_exactly_the_expected_ones():
 def test_runs_and_producing_stages():
     p = tiny_params()
     names = [s.name for s in runs.all_runs(p)]
-    assert len(names) == len(set(names)) == 8
+    assert len(names) == len(set(names)) == 10
+    assert names[-2:] == ["lora-r4-qv-s42-d1", "qlora-r4-qv-s42-d1"]  # the same-init control
+    assert runs.producing_stage(RunSpec("qlora", 4, "qv", 42, 1), p) == "control_qlora"
+    assert runs.producing_stage(RunSpec("lora", 4, "qv", 42, 1), p) == "control_lora"
+    with pytest.raises(ValueError):
+        runs.producing_stage(RunSpec("lora", 4, "qv", 42, 7), p)
     assert list(runs.preset_pairs(p)) == ["qv", "kv"]
     assert runs.preset_pairs(p)["qv"] == runs.headline_pair(p) == runs.rank_pairs(p)[4]
     assert runs.producing_stage(RunSpec("qlora", 2, "qv", 42), p) == "train_qlora@2"
@@ -157,6 +164,35 @@ def test_runs_and_producing_stages():
     assert runs.producing_stage(RunSpec("qlora", 4, "kv", 42), p) == "modules_qlora@kv"
     with pytest.raises(ValueError):
         runs.producing_stage(RunSpec("lora", 16, "qv", 42), p)
+
+
+def test_floor_pairs_are_exactly_the_expected_ones():
+    p = tiny_params(seeds=[1, 7])
+
+    def L(s, d=None):
+        return run_name("lora", 4, "qv", s, d)
+
+    def Q(s, d=None):
+        return run_name("qlora", 4, "qv", s, d)
+
+    got = {}
+    for fp in floors.weight_floor_pairs(p):
+        got.setdefault(fp.kind, []).append((fp.a.name, fp.b.name))
+    assert got == {
+        "lora-lora": [(L(42), L(1)), (L(42), L(7)), (L(1), L(7))],
+        "qlora-qlora": [(Q(42), Q(1)), (Q(42), Q(7)), (Q(1), Q(7))],
+        "lora-qlora-cross": [(L(s), Q(t)) for s in (42, 1, 7) for t in (42, 1, 7) if s != t],
+        "lora-qlora-same": [(L(42), Q(42)), (L(1), Q(1)), (L(7), Q(7)), (L(42, 1), Q(42, 1))],
+        "lora-qlora-control": [(L(42), Q(42, 1)), (L(42, 1), Q(42))],
+        "lora-lora-control": [(L(42), L(42, 1))], "qlora-qlora-control": [(Q(42), Q(42, 1))]}
+    got = {}
+    for fp in floors.function_floor_pairs(p):
+        got.setdefault(fp.kind, []).append((fp.a.name, fp.b.name))
+    assert got == {  # consecutive seeds only: 42-1, 1-7
+        "lora-lora": [(L(42), L(1)), (L(1), L(7))], "qlora-qlora": [(Q(42), Q(1)), (Q(1), Q(7))],
+        "lora-qlora-cross": [(L(42), Q(1)), (L(1), Q(7))],
+        "lora-qlora-same": [(L(42), Q(42)), (L(1), Q(1)), (L(7), Q(7))],
+        "lora-qlora-control": [(L(42), Q(42, 1))]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +216,8 @@ def _write_adapter(base_dir: Path, out: Path, spec: RunSpec, alpha: float) -> No
 
 def _run_json(spec: RunSpec, eval_loss: float, exact: float) -> dict:
     return {"run": spec.name, "method": spec.method, "rank": spec.rank, "targets": spec.targets,
-            "seed": spec.seed, "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
+            "seed": spec.seed, "data_seed": spec.data_seed, "optimizer": "adamw_torch",
+            "device": "cpu", "dtype": "float32",
             "kbit_prep": False, "trainable_params": 1000 * spec.rank, "eval_loss": eval_loss,
             "eval_perplexity": math.exp(eval_loss), "eval_tokens": 10, "train_loss_final": 1.0,
             "exact_match": exact, "exact_match_per_task": {}, "weights_mb": 2.0 if spec.method
@@ -321,6 +358,116 @@ def test_numbers_from_the_hand_written_runs(compared):
     assert set(pairs["kind"]) == {"same_seed", "noise_lora", "noise_qlora", "cross_seed"}
     per_task = result.per_task
     assert set(per_task["method"]) == {"lora", "qlora", "base", "base_quantized"}
+
+
+def _dense_cos_mean(dir_a: Path, dir_b: Path) -> tuple[float, int]:
+    """Mean over modules of cos(ΔW_a, ΔW_b) from the dense products of the saved safetensors
+    (independent of the factored computation), and the number of modules."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(dir_a / "adapter_model.safetensors"), load_file(dir_b / "adapter_model.safetensors")
+    cos = []
+    for key in ta:
+        if "lora_A" in key:
+            bkey = key.replace("lora_A", "lora_B")
+            da = (ta[bkey].double() @ ta[key].double()).flatten()
+            db = (tb[bkey].double() @ tb[key].double()).flatten()
+            cos.append(float(da @ db / (da.norm() * db.norm())))
+    return sum(cos) / len(cos), len(cos)
+
+
+def test_weight_floors_match_a_dense_computation(compared):
+    result, paths = compared
+    fl = pd.read_csv(paths.compare_dir / "floors.csv")
+    assert list(fl.columns) == list(schemas.FLOORS_COLUMNS)
+    assert set(fl["kind"]) == set(schemas.FLOOR_KINDS)
+    for row in fl.itertuples():
+        cos, n = _dense_cos_mean(paths.adapters_dir / row.run_a, paths.adapters_dir / row.run_b)
+        assert row.cos_sim_mean == pytest.approx(cos, rel=1e-4), row.kind
+        assert row.n_modules == n
+        assert row.subspace_sim_mean == pytest.approx(
+            (row.subspace_sim_left_mean + row.subspace_sim_right_mean) / 2, rel=1e-4)
+    ctl = fl[fl["kind"] == "lora-lora-control"].iloc[0]
+    assert (ctl.seed_a, ctl.seed_b, ctl.data_seed_a, ctl.data_seed_b) == (42, 42, 42, 1)
+    # The fake adapters keep the init A of their seed (attach_lora) and draw B from the run
+    # name: the control shares the row space of ΔW (the span of A's rows) with its same-seed
+    # run exactly, so over all r = 4 directions its right phi is 1 and its left one is not;
+    # a cross-seed pair shares neither.
+    p = tiny_params()
+    full = floors.weight_floors([fp for fp in floors.weight_floor_pairs(p)
+                                 if fp.kind in ("lora-lora-control", "lora-qlora-cross")],
+                                {d.name: d for d in paths.adapters_dir.iterdir()}, k=4)
+    by = full.set_index("kind")
+    assert by.loc["lora-lora-control", "subspace_sim_right_mean"] == pytest.approx(1.0, abs=1e-9)
+    assert by.loc["lora-lora-control", "subspace_sim_left_mean"] < 0.99
+    assert (full.loc[full["kind"] == "lora-qlora-cross", "subspace_sim_right_mean"] < 0.99).all()
+    # The same pairs in pairs.csv have the same numbers.
+    pairs = result.pairs.set_index(["run_a", "run_b"])
+    same = fl[fl["kind"] == "lora-qlora-same"].iloc[0]
+    assert pairs.loc[(same.run_b, same.run_a), "cos_sim_mean"] == pytest.approx(same.cos_sim_mean)
+
+
+def test_summary_names_every_floor_kind(compared):
+    result, _ = compared
+    line = next(x for x in summary_lines(result) if x.startswith("cos(ΔW) floors"))
+    for kind in schemas.FLOOR_KINDS:
+        value = result.floors.loc[result.floors["kind"] == kind, "cos_sim_mean"].mean()
+        assert f"{kind} {value:.3f}" in line
+
+
+def test_function_floors_known_answers(compared):
+    result, paths = compared
+    assert list(pd.read_csv(paths.compare_dir / "function_floors.csv").columns) == list(
+        schemas.FUNCTION_FLOORS_COLUMNS)
+    ff = result.function_floors
+    by = ff.set_index("kind")
+    # every fake LoRA run saved LORA_OUT, every QLoRA run QLORA_OUT (token match 0.5 between)
+    assert by.loc["lora-lora", "token_match_rate"] == 1.0
+    assert by.loc["qlora-qlora", "token_match_rate"] == 1.0
+    assert by.loc["lora-qlora-cross", "token_match_rate"] == pytest.approx(0.5)
+    assert by.loc["lora-qlora-control", "exact_output_agreement"] == pytest.approx(0.25)
+    assert (ff["kl_mean"] > 0).all() and (ff["hidden_cos_sim"] < 1).all()
+    # a run's loss is the same whichever pair it is in (and whichever copy of its base), and
+    # equals the function.csv recomputation of the headline pair
+    loss = {}
+    for row in ff.itertuples():
+        for run, value in ((row.run_a, row.eval_loss_a), (row.run_b, row.eval_loss_b)):
+            assert loss.setdefault(run, value) == pytest.approx(value, rel=1e-6), run
+    head = result.function.iloc[[i for i, r in enumerate(result.function.itertuples())
+                                 if r.run_lora == run_name("lora", 4, "qv", 42)][0]]
+    assert loss[head["run_lora"]] == pytest.approx(head["eval_loss_lora_recomputed"], rel=1e-6)
+    assert loss[head["run_qlora"]] == pytest.approx(head["eval_loss_qlora_recomputed"], rel=1e-6)
+
+
+def test_per_example_records_of_compare_and_transfer_from_one_pass(compared):
+    result, paths = compared
+    t = result.transfer
+    for case in schemas.EXAMPLE_CASES:
+        rows = read_examples(paths.compare_dir / "examples" / f"{case}.jsonl")
+        assert len(rows) == len(load_split(paths.data_dir / "eval.jsonl"))
+        assert sum(r["exact_match"] is not None for r in rows) == N_GENERATE
+        loss = mean_loss(rows)
+        if case in schemas.BASE_CASES:
+            key = "eval_loss" if case == "base" else "eval_loss_quantized"
+            assert loss == pytest.approx(result.base[key], rel=1e-6)
+        elif case in schemas.TRANSFER_CASES:
+            assert loss == pytest.approx(t["cases"][case]["eval_loss"], rel=1e-6)
+        else:
+            assert loss == pytest.approx(t["native"][case.split("_")[1]]["eval_loss"], rel=1e-6)
+    # both sides of each change are compare's own numbers
+    m = result.metrics
+    for case, method in (("qlora_on_base", "qlora"), ("qlora_merged", "qlora"),
+                         ("lora_on_quantized", "lora")):
+        c = t["cases"][case]
+        assert c["eval_loss_change"] == pytest.approx(c["eval_loss"] - t["native"][method]["eval_loss"])
+        assert m[f"transfer_{case}_eval_loss_change"] == c["eval_loss_change"]
+        native_rows = read_examples(paths.compare_dir / "examples" / f"native_{method}.jsonl")
+        em = sum(r["exact_match"] for r in native_rows[:N_GENERATE]) / N_GENERATE
+        assert c["exact_match_change"] == pytest.approx(c["exact_match"] - em)
+    # the native LoRA adapter on its base, evaluated by compare, is the function pass's value
+    head = result.function[result.function["run_lora"] == run_name("lora", 4, "qv", 42)].iloc[0]
+    assert t["native"]["lora"]["eval_loss"] == pytest.approx(head["eval_loss_lora_recomputed"],
+                                                             rel=1e-6)
 
 
 def test_transfer_and_base_numbers_are_finite_and_consistent(compared):

@@ -40,7 +40,8 @@ from qlora_diag.tools.smoke import SMOKE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_STAGES = ["train_lora@2", "train_qlora@2", "train_lora@4", "train_qlora@4",
-                "seeds_lora@1", "seeds_qlora@1", "modules_lora@kv", "modules_qlora@kv"]
+                "seeds_lora@1", "seeds_qlora@1", "modules_lora@kv", "modules_qlora@kv",
+                "control_lora", "control_qlora"]
 # One torch thread per stage: the node runs two jobs at once on 2 cores. The reference runs with
 # the same params, so it computes the same numbers.
 OVERRIDES = {"base.model": "embedded:tiny-llama", **SMOKE_PARAMS, "train.threads": 1}
@@ -70,7 +71,7 @@ def test_training_stages_are_the_adapter_stages_dvc_expands(tmp_path):
     listed = dvc(project, "stage", "list").stdout.splitlines()
     adapter_stages = {line.split()[0] for line in listed if "models/adapters/" in line}
     planned = D.training_stages(load_params(project / "params.yaml"))
-    assert len(planned) == len(set(planned)) == 16
+    assert len(planned) == len(set(planned)) == 18
     assert set(planned) == adapter_stages
     assert D.upstream_stages(project, planned) == ["base", "prepare", "quantize"]
 

@@ -51,7 +51,7 @@ def test_missing_floors_are_unavailable_not_invented():
     t = floor_test(None)
     assert t.outcome == UNAVAILABLE and "absent" in floor_sentence(t)
     t = floor_test(pd.DataFrame({"kind": ["lora-lora"], "seed_a": [1], "seed_b": [2],
-                                 "cos_sim": [0.2]}))
+                                 "cos_sim_mean": [0.2]}))
     assert t.outcome == UNAVAILABLE
 
 
@@ -61,7 +61,7 @@ def test_floor_test_detects_cross_seed_below_floor_exactly():
     def df(cross, floor):
         kinds = ["lora-qlora-cross"] * len(cross) + ["lora-lora"] * len(floor)
         return pd.DataFrame({"kind": kinds,
-                             "seed_a": 0, "seed_b": 1, "cos_sim": cross + floor})
+                             "seed_a": 0, "seed_b": 1, "cos_sim_mean": cross + floor})
     t = floor_test(df([0.1, 0.11, 0.12], [0.2, 0.21, 0.22]))
     assert abs(t.p_value - 0.1) < 1e-12 and t.outcome != "below the floor"
     t = floor_test(df([0.1, 0.11, 0.12, 0.13], [0.2, 0.21, 0.22, 0.23]))

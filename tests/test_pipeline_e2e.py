@@ -23,6 +23,7 @@ import pytest
 
 from qlora_diag.core import schemas
 from qlora_diag.core.config import load_params, run_name
+from qlora_diag.core.examples import mean_loss, read_examples
 from qlora_diag.tools.scratch import dvc, make_scratch_project, scratch_env
 from qlora_diag.tools.smoke import SMOKE_PARAMS
 
@@ -39,6 +40,8 @@ def expected_runs(p) -> list[str]:
     runs = [run_name(m, r, p.lora.targets, p.seed) for m in ("lora", "qlora") for r in p.sweep.ranks]
     runs += [run_name(m, p.lora.r, p.lora.targets, s) for m in ("lora", "qlora") for s in p.sweep.seeds]
     runs += [run_name(m, p.lora.r, t, p.seed) for m in ("lora", "qlora") for t in p.sweep.targets]
+    runs += [run_name(m, p.lora.r, p.lora.targets, p.seed, p.sweep.seeds[0])
+             for m in ("lora", "qlora")]  # the same-init control
     return runs
 
 
@@ -99,7 +102,9 @@ def test_every_output_has_its_schema(project):
                          ("compare/pairs.csv", schemas.PAIRS_COLUMNS),
                          ("compare/function.csv", schemas.FUNCTION_COLUMNS),
                          ("compare/per_task.csv", schemas.PER_TASK_COLUMNS),
-                         ("compare/seeds.csv", schemas.SEEDS_COLUMNS)):
+                         ("compare/seeds.csv", schemas.SEEDS_COLUMNS),
+                         ("compare/floors.csv", schemas.FLOORS_COLUMNS),
+                         ("compare/function_floors.csv", schemas.FUNCTION_FLOORS_COLUMNS)):
         assert list(pd.read_csv(rep / name).columns) == list(schema), name
     for name, schema in (("data.json", schemas.DATA_KEYS),
                          ("quantization.json", schemas.QUANTIZATION_KEYS),
@@ -113,6 +118,12 @@ def test_every_output_has_its_schema(project):
             schemas.RUN_KEYS), run
         for line in (rep / "train" / run / "generations.jsonl").read_text().splitlines():
             assert list(json.loads(line)) == list(schemas.GENERATION_KEYS), run
+        # examples.jsonl: every eval example, summing to the run's eval loss
+        rows = read_examples(rep / "train" / run / "examples.jsonl")
+        assert mean_loss(rows) == pytest.approx(
+            json.loads((rep / "train" / run / "run.json").read_text())["eval_loss"], rel=1e-6)
+    for case in schemas.EXAMPLE_CASES:
+        assert read_examples(rep / "compare" / "examples" / f"{case}.jsonl"), case
 
 
 def test_dvc_shows_only_the_headline_metrics(project):

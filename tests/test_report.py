@@ -69,6 +69,15 @@ NOT_READ = {
     "exact_match_qlora_std": 0.0, "same_seed_cos_sim_over_seeds": 0.5312,
     "step_time_lora_s": 1.21, "step_time_qlora_s": 1.66, "base_kl_mean": 0.1102,
     "base_hidden_cos_sim": 0.9712, "base_token_match_rate": 0.4211,
+    "alignment_chance_mean": 0.0016,
+    "transfer_native_lora_eval_loss": 0.2012, "transfer_native_lora_exact_match": 0.5625,
+    "transfer_native_qlora_eval_loss": 0.2458, "transfer_native_qlora_exact_match": 0.5156,
+    "transfer_qlora_on_base_eval_loss_change": 0.0563,
+    "transfer_qlora_on_base_exact_match_change": -0.0781,
+    "transfer_qlora_merged_eval_loss_change": 0.0566,
+    "transfer_qlora_merged_exact_match_change": -0.0781,
+    "transfer_lora_on_quantized_eval_loss_change": 0.0599,
+    "transfer_lora_on_quantized_exact_match_change": -0.0781,
 }
 
 
@@ -164,7 +173,7 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                          "frob_dist": 0.2 * (1.1 - cos), "subspace_sim": 0.45,
                          "norm_lora": 0.21, "norm_qlora": 0.22, "norm_residual": 0.93,
                          "alignment": 0.02, "alignment_ceiling": 0.12, "quant_rel_error": qerr,
-                         "alignment_qlora": 0.01})
+                         "alignment_qlora": 0.01, "alignment_chance": 0.0016})
     pd.DataFrame(rows).to_csv(rep / "layers.csv", index=False)
 
     s42 = {m_: run_name(m_, 8, "qv", 42) for m_ in ("lora", "qlora")}
@@ -257,6 +266,7 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
             row = _pair_row(2, 8, m["eval_loss_gap"])
             (d / "run.json").write_text(json.dumps({
                 "run": name, "method": method, "rank": 8, "targets": "qv", "seed": seed,
+                "data_seed": seed,
                 "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
                 "kbit_prep": False, "trainable_params": row["trainable_params"],
                 "eval_loss": base_loss, "eval_perplexity": math.exp(base_loss),
@@ -501,19 +511,23 @@ def test_floors_csv_decides_h1s_weight_level_and_is_tabled(inputs_dir):
     """With floors.csv present: 4 cross-seed pairs all below 4 same-method pairs in cos_sim,
     the most extreme of C(8, 4) = 70 splits (two-sided p = 2/70): below the floor, so H1 is
     rejected whatever the function level says; a KL column is tested and tabled too."""
-    pd.DataFrame({
+    floors = pd.DataFrame({
         "kind": ["lora-qlora-cross"] * 4 + ["lora-lora"] * 2 + ["qlora-qlora"] * 2
-                + ["lora-qlora-same", "control"],
+                + ["lora-qlora-same", "lora-qlora-control"],
         "seed_a": [1] * 10, "seed_b": [2] * 10,
-        "cos_sim": [0.10, 0.11, 0.12, 0.13, 0.20, 0.21, 0.22, 0.23, 0.5, 0.3],
+        "cos_sim_mean": [0.10, 0.11, 0.12, 0.13, 0.20, 0.21, 0.22, 0.23, 0.5, 0.3],
         "kl": [0.30, 0.31, 0.29, 0.30, 0.28, 0.30, 0.31, 0.29, 0.1, 0.2],
-    }).to_csv(inputs_dir / "reports" / "compare" / "floors.csv", index=False)
+    })
+    for col in schemas.FLOORS_COLUMNS:  # the other measures unmeasured here: not tested
+        if col not in floors:
+            floors[col] = float("nan")
+    floors.to_csv(inputs_dir / "reports" / "compare" / "floors.csv", index=False)
     inputs, diag, params = _load(inputs_dir)
     ft = diag.h1.evidence["floor_test"]
     assert ft["outcome"] == "below the floor" and ft["p_value"] == pytest.approx(2 / 70)
     assert diag.h1.status == "rejected" and "more than a seed change" in diag.h1.summary
     assert "kl" in diag.h1.evidence["other_floor_tests"]
     text = report.render_report(inputs, diag, params)
-    assert "| `cos_sim` | 0.115 (n = 4) | 0.215 (0.200–0.230, n = 4) | 0.500 | 0.300 | 0.029 |" \
+    assert "| `cos_sim_mean` | 0.115 (n = 4) | 0.215 (0.200–0.230, n = 4) | 0.500 | 0.300 | 0.029 |" \
         in text
     assert "| `kl` |" in text

@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
     (("qlora", 4, "s1", 1), "qlora-r4-s1-s1"),         # targets that look like a seed
     (("qlora", 4, "r8", 7), "qlora-r4-r8-s7"),         # ... and like a rank
     (("lora", 10, "dense,query_key_value", 3), "lora-r10-dense,query_key_value-s3"),
+    (("qlora", 8, "qv", 42, 1), "qlora-r8-qv-s42-d1"),  # same-init control: data order of seed 1
+    (("lora", 4, "s1", 0, 7), "lora-r4-s1-s0-d7"),
 ])
 def test_known_names_both_ways(parts, name):
     assert run_name(*parts) == name
@@ -39,26 +41,42 @@ targets = st.from_regex(r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*", fullmatch=True)
 @given(st.sampled_from(["lora", "qlora"]), st.integers(1, 10**6), targets,
        st.integers(0, MAX_SEED))
 def test_round_trip(method, rank, targets, seed):
-    assert parse_run_name(run_name(method, rank, targets, seed)) == (method, rank, targets, seed)
+    assert parse_run_name(run_name(method, rank, targets, seed)) == (method, rank, targets, seed,
+                                                                     None)
+    assert run_name(method, rank, targets, seed, seed) == run_name(method, rank, targets, seed)
+
+
+@given(st.sampled_from(["lora", "qlora"]), st.integers(1, 10**6), targets,
+       st.integers(0, MAX_SEED), st.integers(0, MAX_SEED))
+def test_round_trip_with_a_data_seed(method, rank, targets, seed, data_seed):
+    parts = parse_run_name(run_name(method, rank, targets, seed, data_seed))
+    assert parts == (method, rank, targets, seed, None if data_seed == seed else data_seed)
+
+
+def test_a_data_seed_equal_to_the_seed_is_not_a_name():
+    with pytest.raises(UserError, match="the run is qlora-r8-qv-s42$"):
+        parse_run_name("qlora-r8-qv-s42-d42")
 
 
 @pytest.mark.parametrize("name", ["qlora-r8-qv", "qlora-r08-qv-s42", "qlora-r8-qv-s042",
-                                  "qlora-r8-q-v-s42", "qlora_r8_qv_s42", "qlora-8-qv-s42", ""])
+                                  "qlora-r8-q-v-s42", "qlora_r8_qv_s42", "qlora-8-qv-s42", "",
+                                  "qlora-r8-qv-s42-d", "qlora-r8-qv-s42-d01"])
 def test_other_names_are_rejected_naming_the_form(name):
     with pytest.raises(UserError) as exc:
         parse_run_name(name)
     assert str(exc.value) == (f"{name!r} is not a run name; run names are "
-                              "<method>-r<rank>-<targets>-s<seed>, e.g. qlora-r8-qv-s42")
+                              "<method>-r<rank>-<targets>-s<seed>[-d<data seed>], e.g. "
+                              "qlora-r8-qv-s42")
 
 
 def test_dvc_yaml_outs_are_run_names():
     """The training stages' outs spell run names by hand; with values substituted they parse."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     values = {"item.rank": "4", "lora.r": "8", "lora.targets": "qv", "item.targets": "attn_mlp",
-              "seed": "42", "item.seed": "1"}
+              "seed": "42", "item.seed": "1", "sweep.seeds[0]": "1"}
     outs = [o for s in stages.values() for o in s.get("outs", [])
             if isinstance(o, str) and o.startswith(("models/adapters/", "reports/train/"))]
-    assert len(outs) == 12
+    assert len(outs) == 16
     for out in outs:
-        name = re.sub(r"\$\{([\w.]+)\}", lambda m: values[m.group(1)], out.split("/")[-1])
+        name = re.sub(r"\$\{([\w.\[\]]+)\}", lambda m: values[m.group(1)], out.split("/")[-1])
         assert run_name(*parse_run_name(name)) == name

@@ -8,14 +8,16 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from qlora_diag.core.config import LoraCfg, TrainCfg
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.examples import mean_loss, read_examples
 from qlora_diag.data.batching import IGNORE, collate, training_order
 from qlora_diag.train.checkpoints import latest_complete_checkpoint
-from qlora_diag.train.losses import evaluate_loss, response_loss_sum
+from qlora_diag.train.losses import evaluate_examples, response_loss_sum
 from qlora_diag.train.memory import choose_backend
 from qlora_diag.train.trainer import (
     GenerationCfg,
@@ -263,8 +265,54 @@ def test_train_writes_adapter_metrics_and_is_deterministic(tiny_pipeline, tiny_b
     # The saved adapter reproduces the logged eval loss on a fresh base.
     tok = load_tokenizer(tiny_base_dir)
     model = PeftModel.from_pretrained(load_base(tiny_base_dir, "bfloat16"), tmp_path / "a/adapter")
-    loss, _ = evaluate_loss(model, load_split(tiny_pipeline / "data/eval.jsonl"), 8, tok.pad_token_id)
-    assert abs(loss - m1["eval_loss"]) < 1e-5
+    eval_records = load_split(tiny_pipeline / "data/eval.jsonl")
+    fresh = evaluate_examples(model, eval_records, 8, tok.pad_token_id)
+    assert abs(fresh.loss - m1["eval_loss"]) < 1e-5
+    # examples.jsonl: one row per eval example in eval order, summing to run.json's eval loss,
+    # exact match and output for the generated examples only, and reproduced by the adapter.
+    ex = read_examples(report / "examples.jsonl")
+    assert [r["id"] for r in ex] == [r["id"] for r in eval_records]
+    assert [r["family"] for r in ex] == [r["task"] for r in eval_records]
+    assert sum(r["n_tokens"] for r in ex) == m1["eval_tokens"]
+    assert mean_loss(ex) == pytest.approx(m1["eval_loss"], rel=1e-6)
+    gens = [json.loads(line) for line in (report / "generations.jsonl").read_text().splitlines()]
+    assert [r["exact_match"] for r in ex] == ([int(g["exact_match"]) for g in gens]
+                                              + [None] * (len(ex) - GEN.n_generate))
+    assert [r["output"] for r in ex[:GEN.n_generate]] == [g["output"] for g in gens]
+    assert [r["output"] for r in ex[GEN.n_generate:]] == [None] * (len(ex) - GEN.n_generate)
+    np.testing.assert_allclose([r["nll_sum"] for r in ex], fresh.nll_sums, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_same_init_control_shares_the_init_and_not_the_batches(tiny_pipeline, tiny_base_dir,
+                                                               tmp_path):
+    """``data_seed`` moves the batch order and nothing of the init. With lr = 0 the adapter
+    stays at its init and B = 0 leaves the model the base, so each step's train loss is a
+    function of its batch only: the control (init 3, data 4) keeps run 3's A and B and has the
+    losses of run (init 5, data 4), not those of run 3."""
+    from safetensors.torch import load_file
+
+    cfg = train_cfg(max_steps=3, lr=0.0, eval_every=3, save_every=3)
+    specs = {"seed": RunSpec("lora", 4, "qv", 3), "control": RunSpec("lora", 4, "qv", 3, 4),
+             "other": RunSpec("lora", 4, "qv", 5, 4)}
+    assert specs["control"].name == "lora-r4-qv-s3-d4"
+    assert RunSpec("lora", 4, "qv", 3, 3) == specs["seed"] and specs["seed"].data_seed == 3
+    out = {}
+    for key, spec in specs.items():
+        m = run(tiny_base_dir, tiny_pipeline, tmp_path / key, spec, cfg)
+        assert (m["seed"], m["data_seed"]) == (spec.seed, spec.data_seed)
+        loss = (tmp_path / key / "report/plots/metrics/train/loss.tsv").read_text().splitlines()
+        out[key] = (load_file(tmp_path / key / "adapter/adapter_model.safetensors"),
+                    [float(line.split("\t")[-1]) for line in loss[1:]])
+    (w_seed, loss_seed), (w_control, loss_control), (w_other, loss_other) = out.values()
+    assert w_seed.keys() == w_control.keys() and len(w_seed) == 8
+    for k in w_seed:
+        assert torch.equal(w_seed[k], w_control[k]), k
+    a = next(k for k in w_seed if "lora_A" in k)
+    assert not torch.equal(w_seed[a], w_other[a])
+    assert len(loss_seed) == len(loss_control) == 3
+    assert loss_control == loss_other
+    assert loss_control != loss_seed
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def paired(rank_gaps: dict, r8=EQ8, presets=None, preset_jitter=None, em_drop=No
 def floors(cross, same_method) -> pd.DataFrame:
     kinds = ["lora-qlora-cross"] * len(cross) + ["lora-lora"] * len(same_method)
     return pd.DataFrame({"kind": kinds, "seed_a": 1, "seed_b": 2,
-                         "cos_sim": list(cross) + list(same_method)})
+                         "cos_sim_mean": list(cross) + list(same_method)})
 
 
 def sweep() -> pd.DataFrame:

@@ -218,6 +218,28 @@ def test_quantization_alignment_known_answers():
         assert row["alignment_qlora"] == pytest.approx(sim.cosine(d_q, res))
 
 
+def test_alignment_ceiling_is_at_rank_r_lora_plus_r_qlora_with_chance_beside_it():
+    """Known answer: residual diag(4, 3, 2, 1); rank-1 adapters ΔW_QLoRA = 4·e1e1ᵀ and
+    ΔW_LoRA = −3·e2e2ᵀ give the correction diag(4, 3, 0, 0), of rank 2 = r_LoRA + r_QLoRA, whose
+    cosine with the residual is 25 / (5·sqrt(30)) = sqrt(25/30): the rank-2 ceiling, above the
+    rank-1 value 4/sqrt(30) a rank-r ceiling would claim as the best possible. Chance level:
+    1/sqrt(4·4)."""
+    e = torch.eye(4, dtype=torch.float64)
+    name = "model.layers.0.self_attn.q_proj"
+    qlora = {name: Factor(e[:1], 4.0 * e[:, :1], 1.0)}
+    lora = {name: Factor(e[1:2], -3.0 * e[:, 1:2], 1.0)}
+    row = quantization_alignment(lora, qlora, {name: torch.diag(torch.tensor([4., 3., 2., 1.]))}
+                                 ).iloc[0]
+    assert row["alignment"] == pytest.approx(math.sqrt(25 / 30))
+    assert row["alignment_ceiling"] == pytest.approx(math.sqrt(25 / 30))
+    assert row["alignment"] > 4 / math.sqrt(30)
+    assert row["alignment_chance"] == pytest.approx(0.25)
+    # The ceiling's rank never exceeds the matrix: two rank-3 adapters of a 4×4 module -> 1.
+    big = {name: Factor(e[:3], e[:, :3], 1.0)}
+    assert quantization_alignment(big, big, {name: torch.diag(torch.tensor([4., 3., 2., 1.]))}
+                                  ).iloc[0]["alignment_ceiling"] == pytest.approx(1.0)
+
+
 def test_quantization_alignment_errors():
     f = Factor(torch.randn(2, 12, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64),
                1.0)

@@ -42,7 +42,8 @@ _UNSUPPORTED = {
 COMPARE_COLUMNS = ["name", "layer", "module", "cos_sim", "rel_frob", "frob_dist", "subspace_sim",
                    "subspace_sim_left", "subspace_sim_right", "norm_a", "norm_b"]
 ALIGNMENT_COLUMNS = ["name", "layer", "module", "norm_delta_lora", "norm_delta_qlora",
-                     "norm_residual", "alignment", "alignment_qlora", "alignment_ceiling"]
+                     "norm_residual", "alignment", "alignment_qlora", "alignment_ceiling",
+                     "alignment_chance"]
 SUMMARY_METRICS = ["cos_sim", "rel_frob", "subspace_sim"]
 
 
@@ -220,10 +221,13 @@ def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[
     extra modules are ignored). Columns: ``name, layer, module, norm_delta_lora,
     norm_delta_qlora, norm_residual`` (Frobenius norms); ``alignment`` =
     cos(ΔW_QLoRA − ΔW_LoRA, residual) (:func:`similarity.alignment`); ``alignment_qlora`` =
-    cos(ΔW_QLoRA, residual); ``alignment_ceiling`` = the largest cosine any matrix of the QLoRA
-    adapter's rank can have with the residual (:func:`similarity.low_rank_ceiling`), the scale to
-    read the two alignments on. ΔW is formed densely, one module at a time (fine up to a few
-    thousand wide; the ceiling's full SVD is the slowest step).
+    cos(ΔW_QLoRA, residual); ``alignment_ceiling`` = the largest cosine any matrix of rank
+    r_LoRA + r_QLoRA (the rank bound of the correction ΔW_QLoRA − ΔW_LoRA) can have with the
+    residual (:func:`similarity.low_rank_ceiling`), the scale to read ``alignment`` on;
+    ``alignment_chance`` = 1/sqrt(out·in), the root-mean-square cosine of a direction drawn
+    uniformly at random with the residual (E cos² = 1/(out·in)): what "unrelated" looks like.
+    ΔW is formed densely, one module at a time (fine up to a few thousand wide; the ceiling's
+    full SVD is the slowest step).
     """
     _check_same_modules(factors_lora, factors_qlora, "the LoRA adapter", "the QLoRA adapter")
     lacking = [n for n in factors_lora if n not in residuals]
@@ -249,7 +253,8 @@ def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[
             "norm_residual": torch.linalg.matrix_norm(res.to(torch.float64)).item(),
             "alignment": sim.alignment(dq - dl, res),
             "alignment_qlora": sim.cosine(dq, res),
-            "alignment_ceiling": sim.low_rank_ceiling(res, fq.rank),
+            "alignment_ceiling": sim.low_rank_ceiling(res, min(fl.rank + fq.rank, *fl.shape)),
+            "alignment_chance": 1.0 / math.sqrt(fl.shape[0] * fl.shape[1]),
         })
     return pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora_diag.core.errors import UserError
-from qlora_diag.data.batching import collate
+from qlora_diag.data.batching import IGNORE, collate
 from qlora_diag.train.generation import generate_greedy, generation_records
 from qlora_diag.train.losses import response_hidden
 from qlora_diag.train.trainer import GenerationCfg
@@ -81,7 +81,9 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
     :func:`~qlora_diag.train.losses.evaluate_loss`), ``kl_mean`` (mean over positions of
     KL(P_a ‖ P_b) of the next-token distributions, nats), ``hidden_cos_sim`` (mean over
     positions of the cosine between the two models' final hidden states, after the last norm)
-    and ``n_tokens``. Only response positions are projected onto the vocabulary, so memory is
+    and ``n_tokens``; per record (``records``' order) ``nll_a``, ``nll_b`` (summed response
+    cross-entropy, nats) and ``n_tokens_per`` (response tokens), the parts of ``loss_a`` and
+    ``loss_b``. Only response positions are projected onto the vocabulary, so memory is
     one batch of hidden states plus (response tokens × vocabulary) logits per model.
     """
     for m in (model_a, model_b):
@@ -90,8 +92,11 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
     order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))
     loss_a = loss_b = kl = cos = 0.0
     n = 0
+    nll_a, nll_b, n_per = [0.0] * len(records), [0.0] * len(records), [0] * len(records)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate([records[i] for i in order[start:start + batch_size]], pad_id)
+        idx = order[start:start + batch_size]
+        batch = collate([records[i] for i in idx], pad_id)
+        per_row = (batch["labels"][:, 1:] != IGNORE).sum(-1).tolist()
         outs = []
         for model, head in ((model_a, head_a), (model_b, head_b)):
             dev = _device(model)
@@ -101,8 +106,13 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
             outs.append((h.float().cpu(), head(h).float().cpu()))
         (ha, la), (hb, lb) = outs
         y = y.cpu()
-        loss_a += float(F.cross_entropy(la, y, reduction="sum"))
-        loss_b += float(F.cross_entropy(lb, y, reduction="sum"))
+        tok_a = F.cross_entropy(la, y, reduction="none")
+        tok_b = F.cross_entropy(lb, y, reduction="none")
+        loss_a += float(tok_a.sum())
+        loss_b += float(tok_b.sum())
+        for i, pa, pb in zip(idx, torch.split(tok_a.double(), per_row),
+                             torch.split(tok_b.double(), per_row)):
+            nll_a[i], nll_b[i], n_per[i] = float(pa.sum()), float(pb.sum()), int(pa.numel())
         kl += kl_divergence_sum(la, lb)
         cos += float(F.cosine_similarity(ha, hb, dim=-1).sum())
         n += int(y.numel())
@@ -110,7 +120,8 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
         raise UserError("the eval split has no response tokens; re-create it with `dvc repro "
                         "prepare` and check data.max_length")
     return {"loss_a": loss_a / n, "loss_b": loss_b / n, "kl_mean": kl / n,
-            "hidden_cos_sim": cos / n, "n_tokens": n}
+            "hidden_cos_sim": cos / n, "n_tokens": n, "nll_a": nll_a, "nll_b": nll_b,
+            "n_tokens_per": n_per}
 
 
 @contextlib.contextmanager

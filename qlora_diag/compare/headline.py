@@ -178,6 +178,7 @@ def headline_numbers(rank: int, lora: dict, qlora: dict, seed_runs: list[tuple[d
         "cross_seed_cos_sim": kind_mean(CROSS_SEED),
         "alignment_mean": float(align["alignment"].mean(skipna=False)),
         "alignment_ceiling_mean": float(align["alignment_ceiling"].mean(skipna=False)),
+        "alignment_chance_mean": float(align["alignment_chance"].mean(skipna=False)),
         "peak_mem_mb_lora": lora["peak_mem_mb"], "peak_mem_mb_qlora": qlora["peak_mem_mb"],
         "peak_mem_growth_mb_lora": lora["peak_mem_growth_mb"],
         "peak_mem_growth_mb_qlora": qlora["peak_mem_growth_mb"],
@@ -195,4 +196,9 @@ def headline_numbers(rank: int, lora: dict, qlora: dict, seed_runs: list[tuple[d
     for case in TRANSFER_CASES:
         m[f"transfer_{case}_eval_loss"] = transfer["cases"][case]["eval_loss"]
         m[f"transfer_{case}_exact_match"] = transfer["cases"][case]["exact_match"]
+        m[f"transfer_{case}_eval_loss_change"] = transfer["cases"][case]["eval_loss_change"]
+        m[f"transfer_{case}_exact_match_change"] = transfer["cases"][case]["exact_match_change"]
+    for method in ("lora", "qlora"):
+        for what in ("eval_loss", "exact_match"):
+            m[f"transfer_native_{method}_{what}"] = transfer["native"][method][what]
     return m

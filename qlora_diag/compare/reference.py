@@ -13,18 +13,21 @@ from qlora_diag.compare.function import (
     pair_forward_stats,
     token_match_rate,
 )
+from qlora_diag.core.examples import example_rows
 from qlora_diag.core.schemas import BASE_CASES, TRANSFER_CASES
 from qlora_diag.train.generation import exact_match_summary
-from qlora_diag.train.losses import evaluate_loss
+from qlora_diag.train.losses import EvalResult, evaluate_examples
 from qlora_diag.train.trainer import GenerationCfg
 
 
 def base_reference(base, quant, eval_records: list[dict], gen_records: list[dict], tokenizer,
-                   gen: GenerationCfg, batch_size: int) -> tuple[dict, dict[str, list[dict]]]:
+                   gen: GenerationCfg, batch_size: int
+                   ) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
     """The bases without adapter: 16-bit and 4-bit eval loss and exact match, and how far apart
     quantization alone puts them (KL(P_16bit ‖ P_4bit), hidden cosine, token match).
 
-    Returns ``base.json``'s content and the generations of both (``base``, ``base_quantized``).
+    Returns ``base.json``'s content, the generations of both (``base``, ``base_quantized``)
+    and their per-example records (:mod:`qlora_diag.core.examples`).
     """
     fwd = pair_forward_stats(base, quant, eval_records, batch_size, tokenizer.pad_token_id,
                              desc="base vs quantized base")
@@ -41,49 +44,76 @@ def base_reference(base, quant, eval_records: list[dict], gen_records: list[dict
            "token_match_rate": token_match_rate(*ids),
            "exact_output_agreement": exact_output_agreement(*ids),
            "eval_tokens": fwd["n_tokens"], "n_generations": len(gen_records)}
-    return out, rows
+    return out, rows, base_examples(fwd, eval_records, rows)
 
 
-def transfer_check(base, quant, lora_dir: Path, qlora_dir: Path, native: dict,
+def base_examples(fwd: dict, eval_records: list[dict], rows: dict[str, list[dict]]
+                  ) -> dict[str, list[dict]]:
+    """Per-example records of the two bases from :func:`base_reference`'s forward pass
+    (``fwd``, its ``nll_a`` = 16-bit, ``nll_b`` = 4-bit) and generations ``rows``."""
+    return {"base": example_rows(eval_records, fwd["nll_a"], fwd["n_tokens_per"], rows["base"]),
+            "base_quantized": example_rows(eval_records, fwd["nll_b"], fwd["n_tokens_per"],
+                                           rows["base_quantized"])}
+
+
+def transfer_check(base, quant, lora_dir: Path, qlora_dir: Path, runs: dict[str, str],
                    eval_records: list[dict], gen_records: list[dict], tokenizer,
-                   gen: GenerationCfg, batch_size: int) -> tuple[dict, dict[str, list[dict]]]:
+                   gen: GenerationCfg, batch_size: int
+                   ) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
     """The headline adapters on the other base: QLoRA's on the 16-bit base unmerged and merged
     (``merge_and_unload``), LoRA's on the 4-bit base. Eval loss and exact match of each, and
-    the change against the adapter's native pairing in ``native`` (``{"lora"|"qlora": {"run",
-    "eval_loss", "eval_loss_recomputed", "exact_match"}}``).
+    the change against the adapter on its native base, ``runs`` = ``{"lora"|"qlora": run
+    name}``.
+
+    Both sides of every change come from this process: the native pairings are evaluated and
+    decoded here too (same code, same batches), not taken from training's ``run.json``, so a
+    change is free of the differences between two processes' evaluations.
+
+    Returns ``transfer.json``'s content (``native`` per method: run, eval_loss, exact_match;
+    ``cases``), the generations of the transfer cases, and the per-example records
+    (:mod:`qlora_diag.core.examples`) of the native pairings (``native_lora``,
+    ``native_qlora``) and of every case.
 
     **Consumes** ``base``: merging writes W + ΔW_QLoRA into its weights, so it runs last and
     the caller must not use ``base`` afterwards.
     """
-    loss, rows = {}, {}
+    pad = tokenizer.pad_token_id
+    scored: dict[str, EvalResult] = {}
+    rows: dict[str, list[dict]] = {}
+
+    def score(name: str, model) -> None:
+        scored[name] = evaluate_examples(model, eval_records, batch_size, pad)
+        rows[name] = generate_case(model, gen_records, tokenizer, gen)
+
+    with attached(base, lora_dir) as m:
+        score("native_lora", m)
+    with attached(quant, qlora_dir) as m:
+        score("native_qlora", m)
     with attached(base, qlora_dir) as m:
-        loss["qlora_on_base"] = evaluate_loss(m, eval_records, batch_size, tokenizer.pad_token_id)[0]
-        rows["qlora_on_base"] = generate_case(m, gen_records, tokenizer, gen)
+        score("qlora_on_base", m)
     with attached(quant, lora_dir) as m:
-        loss["lora_on_quantized"] = evaluate_loss(m, eval_records, batch_size,
-                                                  tokenizer.pad_token_id)[0]
-        rows["lora_on_quantized"] = generate_case(m, gen_records, tokenizer, gen)
+        score("lora_on_quantized", m)
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(base, str(qlora_dir)).merge_and_unload()
     merged.eval()
-    loss["qlora_merged"] = evaluate_loss(merged, eval_records, batch_size,
-                                                 tokenizer.pad_token_id)[0]
-    rows["qlora_merged"] = generate_case(merged, gen_records, tokenizer, gen)
+    score("qlora_merged", merged)
 
-    # Changes are against the native loss recomputed in this process, so they are free of the
-    # rounding differences between training's evaluation and this one.
+    em = {name: exact_match_summary(r) for name, r in rows.items()}
+    native = {m: {"run": runs[m], "eval_loss": scored[f"native_{m}"].loss,
+                  "exact_match": em[f"native_{m}"]["exact_match"]} for m in ("lora", "qlora")}
     native_of = {"qlora_on_base": "qlora", "qlora_merged": "qlora",
                  "lora_on_quantized": "lora"}
     cases = {}
     for case in TRANSFER_CASES:
-        em = exact_match_summary(rows[case])
         nat = native[native_of[case]]
         cases[case] = {"adapter": nat["run"],
                        "base": "4-bit" if case == "lora_on_quantized" else "16-bit",
-                       "merged": case == "qlora_merged", "eval_loss": loss[case],
-                       "exact_match": em["exact_match"],
-                       "exact_match_per_task": em["exact_match_per_task"],
-                       "eval_loss_change": loss[case] - nat["eval_loss_recomputed"],
-                       "exact_match_change": em["exact_match"] - nat["exact_match"]}
-    return {"native": native, "cases": cases}, rows
+                       "merged": case == "qlora_merged", "eval_loss": scored[case].loss,
+                       "exact_match": em[case]["exact_match"],
+                       "exact_match_per_task": em[case]["exact_match_per_task"],
+                       "eval_loss_change": scored[case].loss - nat["eval_loss"],
+                       "exact_match_change": em[case]["exact_match"] - nat["exact_match"]}
+    examples = {name: example_rows(eval_records, r.nll_sums, r.n_tokens_per, rows[name])
+                for name, r in scored.items()}
+    return ({"native": native, "cases": cases}, {c: rows[c] for c in TRANSFER_CASES}, examples)

@@ -12,7 +12,15 @@ Four views of the trained runs (:mod:`qlora_diag.compare.runs` lists them for a 
    states on response positions).
 3. **Base reference**: the base model without adapter, 16-bit and 4-bit.
 4. **Transfer**: the QLoRA adapter on the 16-bit base (unmerged and merged), the LoRA adapter on
-   the 4-bit base: what a user deploying across base precisions gets.
+   the 4-bit base: what a user deploying across base precisions gets. The native pairings are
+   evaluated here too, so both sides of every transfer change come from this process.
+5. **Noise floors** (:mod:`qlora_diag.compare.floors`): every seed pair of one method, the
+   cross-seed and same-seed LoRA/QLoRA pairs and the same-init control, at the weight level;
+   KL, hidden cosine and token match between consecutive seeds (and the control) at the
+   function level.
+
+Every model evaluated here (the bases, the native and transfer pairings) also leaves its
+per-example records (:mod:`qlora_diag.core.examples`) in ``reports/compare/examples/``.
 
 Each model is loaded once (``models/base`` and ``models/quantized``); adapters are attached with
 ``PeftModel.from_pretrained`` and removed with ``.unload()``, so memory stays at two bases plus
@@ -38,6 +46,12 @@ from qlora_diag.compare.adapters import (
     load_adapter_factors,
     summarize_adapter_comparison,
 )
+from qlora_diag.compare.floors import (
+    function_floor_pairs,
+    function_floors,
+    weight_floor_pairs,
+    weight_floors,
+)
 from qlora_diag.compare.function import (
     attached,
     exact_output_agreement,
@@ -59,6 +73,7 @@ from qlora_diag.compare.runs import (
     Pair,
     RunFiles,
     adapter_pairs,
+    control_pair,
     headline_pair,
     noise_seeds,
     preset_pairs,
@@ -110,10 +125,13 @@ class CompareResult:
     function: pd.DataFrame
     per_task: pd.DataFrame
     seeds: pd.DataFrame
+    floors: pd.DataFrame            # weight-level noise floors (compare/floors.csv)
+    function_floors: pd.DataFrame   # function-level noise floors (compare/function_floors.csv)
     base: dict
     transfer: dict
     setup: dict
     generations: dict[str, list[dict]]  # base and transfer cases, as generations.jsonl rows
+    examples: dict[str, list[dict]]     # per-example records of every EXAMPLE_CASES model
 
 
 def _require(path: Path, what: str, stage: str) -> Path:
@@ -197,10 +215,12 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
                                       path=paths.data_dir / "eval.jsonl")
     quant_errors = load_quant_errors(paths.quant_csv, p.quant.type, p.quant.double_quant)
     ranks, presets, head = rank_pairs(p), preset_pairs(p), headline_pair(p)
-    seed_pairs = [Pair(*(dataclasses.replace(x, seed=s) for x in (head.lora, head.qlora)))
+    seed_pairs = [Pair(*(dataclasses.replace(x, seed=s, data_seed=s)
+                         for x in (head.lora, head.qlora)))
                   for s in noise_seeds(p)]
     files = {s.name: run_files(s, p, paths.adapters_dir, paths.train_dir)
-             for pr in (*ranks.values(), *presets.values(), *seed_pairs) for s in (pr.lora, pr.qlora)}
+             for pr in (*ranks.values(), *presets.values(), *seed_pairs, control_pair(p))
+             for s in (pr.lora, pr.qlora)}
     for f in files.values():
         f.check_adapter()
     runs = {name: f.metrics() for name, f in files.items()}
@@ -208,23 +228,31 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
     fn_pairs = list({(pr.lora.name, pr.qlora.name): pr
                      for pr in (*ranks.values(), *presets.values())}.values())
     gen_ids = [r["id"] for r in gen_records]
+    w_floor_pairs, f_floor_pairs = weight_floor_pairs(p), function_floor_pairs(p)
     generations = {s.name: files[s.name].generations(gen_ids)
-                   for pr in fn_pairs for s in (pr.lora, pr.qlora)}
+                   for s in (*(s for pr in fn_pairs for s in (pr.lora, pr.qlora)),
+                             *(s for fp in f_floor_pairs for s in (fp.a, fp.b)))}
+    adapter_dirs = {name: f.adapter_dir for name, f in files.items()}
 
     # --- 1. weights (adapters only)
     t0 = time.perf_counter()
     head_key = (head.qlora.name, head.lora.name)
     pairs_df, summaries, head_compare = weight_level(adapter_pairs(p), files, p.compare.subspace_k,
                                                      keep_table=head_key)
+    floors = weight_floors(w_floor_pairs, adapter_dirs, p.compare.subspace_k)
     timings["weights_s"] = time.perf_counter() - t0
 
     # --- models, each loaded once
     t0 = time.perf_counter()
     device = choose_device()
     tokenizer = load_tokenizer(paths.base_dir)
-    base, quant = (load_method_base(method, base_dir=paths.base_dir, quant_dir=paths.quant_dir,
-                                    base_dtype=p.base.dtype, compute_dtype=p.quant.compute_dtype,
-                                    device=device) for method in ("lora", "qlora"))
+
+    def load(method: str):
+        return load_method_base(method, base_dir=paths.base_dir, quant_dir=paths.quant_dir,
+                                base_dtype=p.base.dtype, compute_dtype=p.quant.compute_dtype,
+                                device=device)
+
+    base, quant = load("lora"), load("qlora")
     timings["load_models_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lora_dir, qlora_dir = files[head.lora.name].adapter_dir, files[head.qlora.name].adapter_dir
@@ -234,8 +262,8 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
 
     # --- 3. base reference, before any adapter is attached
     t0 = time.perf_counter()
-    base_out, case_rows = base_reference(base, quant, eval_records, gen_records, tokenizer, gen,
-                                         batch_size)
+    base_out, case_rows, examples = base_reference(base, quant, eval_records, gen_records,
+                                                   tokenizer, gen, batch_size)
     timings["base_reference_s"] = time.perf_counter() - t0
 
     # --- 2. function level
@@ -248,16 +276,21 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
         timings[f"function_{pr.lora.name}_vs_{pr.qlora.name}_s"] = time.perf_counter() - t0
     head_fn = function[(head.lora.name, head.qlora.name)]
 
+    # --- noise floors at the function level (a second copy of a base for same-method pairs)
+    t0 = time.perf_counter()
+    function_floors_df = function_floors(f_floor_pairs, {"lora": base, "qlora": quant}, load,
+                                         adapter_dirs, generations, eval_records, batch_size,
+                                         tokenizer.pad_token_id)
+    timings["function_floors_s"] = time.perf_counter() - t0
+
     # --- 4. transfer (merges into base: last use of the models)
     t0 = time.perf_counter()
-    native = {m: {"run": s.name, "eval_loss": runs[s.name]["eval_loss"],
-                  "eval_loss_recomputed": head_fn[f"eval_loss_{m}_recomputed"],
-                  "exact_match": runs[s.name]["exact_match"]}
-              for m, s in (("lora", head.lora), ("qlora", head.qlora))}
-    transfer, transfer_rows = transfer_check(base, quant, lora_dir, qlora_dir, native,
-                                             eval_records, gen_records, tokenizer, gen, batch_size)
+    transfer, transfer_rows, transfer_examples = transfer_check(
+        base, quant, lora_dir, qlora_dir, {"lora": head.lora.name, "qlora": head.qlora.name},
+        eval_records, gen_records, tokenizer, gen, batch_size)
     del base, quant
     case_rows |= transfer_rows
+    examples |= transfer_examples
     timings["transfer_s"] = time.perf_counter() - t0
 
     # --- tables and metrics
@@ -296,8 +329,9 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
                          pairs=pairs_df,
                          function=pd.DataFrame(list(function.values()),
                                                columns=list(FUNCTION_COLUMNS)),
-                         per_task=per_task, seeds=seeds_df, base=base_out, transfer=transfer,
-                         setup=setup, generations=case_rows)
+                         per_task=per_task, seeds=seeds_df, floors=floors,
+                         function_floors=function_floors_df, base=base_out, transfer=transfer,
+                         setup=setup, generations=case_rows, examples=examples)
 
 
 def _read_json_if(path: Path) -> dict:

@@ -7,7 +7,9 @@ stages); this module is the one place that lists them for a :class:`~qlora_diag.
 - rank sweep: LoRA and QLoRA at each rank of ``sweep.ranks``, targets ``lora.targets``, ``seed``;
 - noise floor: LoRA and QLoRA at rank ``lora.r``, targets ``lora.targets``, each ``sweep.seeds``;
 - module sweep: LoRA and QLoRA at rank ``lora.r``, seed ``seed``, each preset of
-  ``sweep.targets`` (``lora.targets`` itself comes from the rank sweep).
+  ``sweep.targets`` (``lora.targets`` itself comes from the rank sweep);
+- same-init control: LoRA and QLoRA at rank ``lora.r`` on ``lora.targets`` with the adapter init
+  of ``seed`` and the batch order of the first of ``sweep.seeds`` (``control_*`` stages).
 
 The headline pair is (``lora.r``, ``lora.targets``, ``seed``). A missing or stale run is a
 :class:`~qlora_diag.core.errors.UserError` that names the path and the stage to reproduce.
@@ -70,6 +72,14 @@ def preset_pairs(p: Params) -> dict[str, Pair]:
     return {t: _pair(p.lora.r, t, p.seed) for t in presets}
 
 
+def control_pair(p: Params) -> Pair:
+    """The same-init control: the headline pair's init (``seed``), the data order (and dropout)
+    of the first of ``sweep.seeds``."""
+    d = p.sweep.seeds[0]
+    return Pair(RunSpec("lora", p.lora.r, p.lora.targets, p.seed, d),
+                RunSpec("qlora", p.lora.r, p.lora.targets, p.seed, d))
+
+
 def noise_seeds(p: Params) -> list[int]:
     """The seeds of the runs at rank ``lora.r``: the main seed first, then ``sweep.seeds``."""
     return [p.seed] + [s for s in p.sweep.seeds if s != p.seed]
@@ -115,10 +125,11 @@ def adapter_pairs(p: Params) -> list[AdapterPair]:
 
 
 def all_runs(p: Params) -> list[RunSpec]:
-    """Every run the params imply, each once (rank sweep, then seeds, then presets)."""
+    """Every run the params imply, each once (rank sweep, then seeds, then presets, then the
+    same-init control)."""
     runs: dict[str, RunSpec] = {}
     pairs = [*rank_pairs(p).values(), *(_pair(p.lora.r, p.lora.targets, s) for s in noise_seeds(p)),
-             *preset_pairs(p).values()]
+             *preset_pairs(p).values(), control_pair(p)]
     for pair in pairs:
         runs.setdefault(pair.lora.name, pair.lora)
         runs.setdefault(pair.qlora.name, pair.qlora)
@@ -127,7 +138,11 @@ def all_runs(p: Params) -> list[RunSpec]:
 
 def producing_stage(spec: RunSpec, p: Params) -> str:
     """The ``dvc.yaml`` stage (with its matrix key) that trains ``spec``, e.g.
-    ``train_qlora@8``, ``seeds_lora@1``, ``modules_qlora@kv``."""
+    ``train_qlora@8``, ``seeds_lora@1``, ``modules_qlora@kv``, ``control_lora``."""
+    if spec.data_seed != spec.seed:
+        if spec == getattr(control_pair(p), spec.method):
+            return f"control_{spec.method}"
+        raise ValueError(f"producing_stage: run {spec.name} is not implied by these params")
     if spec.targets == p.lora.targets and spec.seed == p.seed and spec.rank in p.sweep.ranks:
         return f"train_{spec.method}@{spec.rank}"
     if spec.targets == p.lora.targets and spec.rank == p.lora.r and spec.seed in p.sweep.seeds:

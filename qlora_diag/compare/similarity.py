@@ -187,8 +187,9 @@ def alignment(correction: Tensor, residual: Tensor) -> float:
     dequantized weight deq(Q(W)) + ΔW_QLoRA; it matches the 16-bit LoRA model W + ΔW_LoRA
     exactly when the correction equals the residual. The returned cosine is +1 when the extra
     update points along the quantization error it would need to cancel, about 0 when unrelated,
-    nan when either is zero. A rank-r correction can reach at most
-    :func:`low_rank_ceiling` (residual, r), since the residual is close to full rank.
+    nan when either is zero. The correction of two rank-r adapters has rank up to 2r, so it can
+    reach at most :func:`low_rank_ceiling` (residual, 2r) (r_LoRA + r_QLoRA in general), since
+    the residual is close to full rank.
     """
     return cosine(correction, residual)
 

@@ -56,7 +56,7 @@ def quant_config_key(quant_type: str, double_quant: bool) -> str:
 
 # reports/train/<run>/run.json, in the order training writes them.
 RUN_KEYS = (
-    "run", "method", "rank", "targets", "seed", "optimizer", "device", "dtype", "kbit_prep",
+    "run", "method", "rank", "targets", "seed", "data_seed", "optimizer", "device", "dtype", "kbit_prep",
     "trainable_params", "eval_loss", "eval_perplexity", "eval_tokens", "train_loss_final",
     "exact_match", "exact_match_per_task", "weights_mb", "peak_mem_mb", "peak_mem_growth_mb",
     "memory_measure", "step_time_median_s", "tokens_per_s", "timed_steps", "resumed_from_step",
@@ -65,10 +65,10 @@ RUN_KEYS = (
 # One line of reports/train/<run>/generations.jsonl and of
 # reports/compare/generations/<case>.jsonl: a greedy generation of one eval example.
 GENERATION_KEYS = ("id", "task", "prompt", "reference", "output", "output_ids", "exact_match")
-
-# One line of reports/train/<run>/examples.jsonl: one eval example of the run, in eval order
-# (``nll_sum`` / ``n_tokens`` summed over the file is the run's eval_loss; ``exact_match`` and
-# ``output`` are null beyond compare.n_generate, where nothing was generated).
+# One line of reports/train/<run>/examples.jsonl and of reports/compare/examples/<name>.jsonl:
+# one eval example, in eval-split order (qlora_diag.core.examples). nll_sum = summed response
+# negative log-likelihood in nats (sum(nll_sum) / sum(n_tokens) is the eval loss); exact_match
+# (0/1) and output (the greedy answer) for the first compare.n_generate examples, null after.
 EXAMPLE_KEYS = ("id", "family", "nll_sum", "n_tokens", "exact_match", "output")
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ MODULES_COLUMNS = ("targets", "rank", *PAIR_METRIC_COLUMNS, "quality_drop_pct")
 # reports/layers.csv: the headline pair per adapted module.
 LAYERS_COLUMNS = ("layer", "module", "cos_sim", "rel_frob", "frob_dist", "subspace_sim",
                   "norm_lora", "norm_qlora", "norm_residual", "alignment", "alignment_ceiling",
-                  "quant_rel_error", "alignment_qlora")
+                  "quant_rel_error", "alignment_qlora", "alignment_chance")
 # reports/compare/pairs.csv: every adapter pair compared at the weight level.
 PAIRS_COLUMNS = ("kind", "run_a", "run_b", "rank", "targets", "seed_a", "seed_b",
                  "cos_sim_mean", "subspace_sim_mean", "rel_frob_mean")
@@ -110,16 +110,33 @@ NOISE_QLORA = "noise_qlora"  # QLoRA vs QLoRA, two seeds: the noise floor
 CROSS_SEED = "cross_seed"    # QLoRA of one seed vs LoRA of another
 PAIR_KINDS = (SAME_SEED, NOISE_LORA, NOISE_QLORA, CROSS_SEED)
 
-# reports/compare/floors.csv: similarity of adapter pairs by kind, the noise floors of H1 (the
-# columns the report needs; the file may hold more, e.g. left/right subspace phi, KL, token
-# match, hidden cosine where computed). Optional: older runs do not have it.
-FLOORS_COLUMNS = ("kind", "seed_a", "seed_b", "cos_sim")
-FLOOR_LORA = "lora-lora"            # two seeds of LoRA: same-method floor
-FLOOR_QLORA = "qlora-qlora"         # two seeds of QLoRA: same-method floor
-FLOOR_CROSS = "lora-qlora-cross"    # LoRA of one seed vs QLoRA of another: what H1 judges
-FLOOR_SAME = "lora-qlora-same"      # same seed: shares the adapter init and batches
-FLOOR_CONTROL = "control"           # same adapter init, other data order: what the init explains
-FLOOR_KINDS = (FLOOR_LORA, FLOOR_QLORA, FLOOR_CROSS, FLOOR_SAME, FLOOR_CONTROL)
+# reports/compare/floors.csv: the weight-level noise floors, every pair of runs at rank lora.r
+# on lora.targets (qlora_diag.compare.floors): one row per pair, its kind (below), the two runs
+# (a = the LoRA run in LoRA-vs-QLoRA kinds, the earlier seed in same-method kinds), their init
+# (seed_*) and data-order (data_seed_*) seeds, and means over adapted modules of cos(ΔW_a, ΔW_b),
+# the subspace similarity phi (mean of left = column space and right = row space, and each),
+# and ||ΔW_a - ΔW_b||_F / ||ΔW_b||_F.
+FLOORS_COLUMNS = ("kind", "run_a", "run_b", "rank", "targets", "seed_a", "seed_b",
+                  "data_seed_a", "data_seed_b", "cos_sim_mean", "subspace_sim_mean",
+                  "subspace_sim_left_mean", "subspace_sim_right_mean", "rel_frob_mean",
+                  "n_modules")
+# reports/compare/function_floors.csv: the function-level noise floors on the eval split
+# (KL(P_a || P_b) and hidden-state cosine on response positions, from one forward pass of both;
+# token match and exact-output agreement of the two runs' greedy generations from training).
+FUNCTION_FLOORS_COLUMNS = ("kind", "run_a", "run_b", "seed_a", "seed_b", "data_seed_a",
+                           "data_seed_b", "eval_loss_a", "eval_loss_b", "kl_mean",
+                           "hidden_cos_sim", "token_match_rate", "exact_output_agreement",
+                           "eval_tokens", "n_generations")
+# The "kind" values of floors.csv and function_floors.csv.
+FLOOR_LORA = "lora-lora"                  # two seeds of LoRA (init and data order differ)
+FLOOR_QLORA = "qlora-qlora"               # two seeds of QLoRA
+FLOOR_CROSS = "lora-qlora-cross"          # LoRA of seed s vs QLoRA of seed t != s
+FLOOR_SAME = "lora-qlora-same"            # LoRA vs QLoRA, same init and data order
+FLOOR_CONTROL = "lora-qlora-control"      # LoRA of seed s vs QLoRA with init s, other data
+FLOOR_LORA_CONTROL = "lora-lora-control"  # LoRA of seed s vs LoRA with init s, other data
+FLOOR_QLORA_CONTROL = "qlora-qlora-control"  # QLoRA of seed s vs QLoRA with init s, other data
+FLOOR_KINDS = (FLOOR_LORA, FLOOR_QLORA, FLOOR_CROSS, FLOOR_SAME, FLOOR_CONTROL,
+               FLOOR_LORA_CONTROL, FLOOR_QLORA_CONTROL)
 
 # reports/verdicts.json: one entry per hypothesis, each with the decision of its primary paired
 # comparison (SPEC.md, Outputs) beside its status, rule, summary and evidence.
@@ -134,6 +151,11 @@ VERDICTS_KEYS = ("h1", "h2", "h3", "failure_modes", "margin", "margin_exact_matc
 # (keys of transfer.json["cases"]); each has reports/compare/generations/<case>.jsonl.
 BASE_CASES = ("base", "base_quantized")
 TRANSFER_CASES = ("qlora_on_base", "qlora_merged", "lora_on_quantized")
+# The headline adapters on their own base as compare evaluates them (the transfer's reference).
+NATIVE_CASES = ("native_lora", "native_qlora")
+# reports/compare/examples/<case>.jsonl (EXAMPLE_KEYS per line): per-example records of every
+# model compare evaluates itself.
+EXAMPLE_CASES = (*BASE_CASES, *NATIVE_CASES, *TRANSFER_CASES)
 
 # reports/metrics.json: the DVC metrics, i.e. what `dvc exp show` and `dvc metrics diff` list.
 # SPEC.md's headline numbers at rank lora.r plus the number of seeds behind the means; kept
@@ -154,11 +176,18 @@ HEADLINE_KEYS = (
     "exact_match_qlora_std", "exact_output_agreement", "kl_mean", "hidden_cos_sim",
     "rel_frob_mean", "same_seed_cos_sim_over_seeds", "noise_floor_cos_sim_lora",
     "noise_floor_cos_sim_qlora", "cross_seed_cos_sim", "alignment_mean", "alignment_ceiling_mean",
+    "alignment_chance_mean",
     "peak_mem_growth_mb_lora", "peak_mem_growth_mb_qlora", "step_time_lora_s",
     "step_time_qlora_s", "tokens_per_s_lora", "tokens_per_s_qlora", "base_eval_loss",
     "base_eval_loss_quantized", "base_exact_match", "base_exact_match_quantized", "base_kl_mean",
     "base_hidden_cos_sim", "base_token_match_rate",
     *(f"transfer_{case}_{what}" for case in TRANSFER_CASES
+      for what in ("eval_loss", "exact_match")),
+    # the headline adapters on their own base, evaluated and decoded by compare itself: the
+    # other side of every transfer change (change = case - native, both from compare's pass)
+    *(f"transfer_native_{method}_{what}" for method in ("lora", "qlora")
+      for what in ("eval_loss", "exact_match")),
+    *(f"transfer_{case}_{what}_change" for case in TRANSFER_CASES
       for what in ("eval_loss", "exact_match")),
 )
 # reports/compare/setup.json: what the comparison ran on. model = {source, ...base_info.json},

@@ -76,7 +76,7 @@ def mean_difference_test(a: np.ndarray, b: np.ndarray, *, rng_seed: int) -> tupl
     return float((1 + np.sum(diffs >= observed - tol)) / (1 + N_PERM)), "permutation"
 
 
-def floor_test(floors: pd.DataFrame | None, column: str = "cos_sim", *,
+def floor_test(floors: pd.DataFrame | None, column: str = "cos_sim_mean", *,
                rng_seed: int = 0) -> FloorTest:
     """The H1 weight-level test on ``floors`` (None or no usable rows: outcome
     :data:`UNAVAILABLE` with the reason; never a made-up number)."""
@@ -117,18 +117,19 @@ def floor_test(floors: pd.DataFrame | None, column: str = "cos_sim", *,
 
 
 # floors.csv columns that identify a pair rather than measure it.
-ID_COLUMNS = ("kind", "seed_a", "seed_b", "run_a", "run_b", "rank", "targets")
+ID_COLUMNS = ("kind", "seed_a", "seed_b", "run_a", "run_b", "rank", "targets", "data_seed_a",
+              "data_seed_b", "n_modules")
 
 
 def floor_tests(floors: pd.DataFrame | None, *, rng_seed: int = 0) -> dict[str, FloorTest]:
-    """:func:`floor_test` of every measured column of floors.csv (cos_sim first; then e.g.
+    """:func:`floor_test` of every measured column of floors.csv (cos_sim_mean first; then e.g.
     left/right subspace phi, KL, token match, hidden cosine where the compare stage computed
     them); empty when the file is absent."""
     if floors is None:
         return {}
     cols = [c for c in floors.columns if c not in ID_COLUMNS
             and pd.api.types.is_numeric_dtype(floors[c]) and floors[c].notna().any()]
-    cols = sorted(cols, key=lambda c: (c != "cos_sim", c))
+    cols = sorted(cols, key=lambda c: (c != "cos_sim_mean", c))
     return {c: floor_test(floors, c, rng_seed=rng_seed) for c in cols}
 
 

@@ -91,7 +91,7 @@ def diagnose(*, paired: PairedEvidence, floors: pd.DataFrame | None, metrics: di
     ``reports/compare/headline.json``); ``transfer``: compare/transfer.json or None;
     ``gradient_checkpointing``: QLoRA trained with it (train.kbit_prep)."""
     m = {k: _num(v) for k, v in metrics.items()}
-    floor = floor_test(floors, "cos_sim", rng_seed=rng_seed)
+    floor = floor_test(floors, "cos_sim_mean", rng_seed=rng_seed)
     h1 = verdict_h1(paired=paired, floor=floor, cos_threshold=cos_threshold,
                     sweep=sweep_rows(ranks, modules, lora_targets), rng_seed=rng_seed,
                     other_floors=floor_tests(floors, rng_seed=rng_seed))

@@ -6,7 +6,7 @@ import time
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
-from qlora_diag.train.losses import evaluate_loss
+from qlora_diag.train.losses import EvalResult, evaluate_examples
 
 
 class StepAlignedDVCLive(DVCLiveCallback):
@@ -35,7 +35,7 @@ class EvalAndTimingCallback(TrainerCallback):
         self.batch_size, self.pad_id = batch_size, pad_id
         self.eval_every, self.max_steps = eval_every, max_steps
         self.step_times: dict[int, float] = {}
-        self.last_eval: tuple[float, int] | None = None  # (loss, tokens) after the final step
+        self.last_eval: EvalResult | None = None  # the evaluation after the final step
         self._t0 = 0.0
         self._t_start = time.perf_counter()
 
@@ -45,8 +45,10 @@ class EvalAndTimingCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times[state.global_step] = time.perf_counter() - self._t0
         if state.global_step % self.eval_every == 0 or state.global_step == self.max_steps:
-            loss, n_tokens = evaluate_loss(self.model_ref, self.eval_records, self.batch_size, self.pad_id)
-            self.last_eval = (loss, n_tokens) if state.global_step == self.max_steps else None
+            result = evaluate_examples(self.model_ref, self.eval_records, self.batch_size,
+                                       self.pad_id)
+            loss = result.loss
+            self.last_eval = result if state.global_step == self.max_steps else None
             self.live.step = state.global_step
             self.live.log_metric("eval/loss", loss)
             self.live.make_summary()

@@ -7,6 +7,8 @@ the fp32 cross-entropy are mostly wasted work.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -68,20 +70,55 @@ def response_loss_sum(model, input_ids, attention_mask, labels, *,
     return loss, int(targets.numel())
 
 
+def response_token_losses(model, input_ids, attention_mask, labels, *,
+                          share_prefix: bool) -> tuple[torch.Tensor, list[int]]:
+    """(cross-entropy of every labelled position, row-major; number of those positions per
+    row): :func:`response_loss_sum` split by example."""
+    hidden, targets = response_hidden(model, input_ids, attention_mask, labels,
+                                      share_prefix=share_prefix)
+    logits = decoder_parts(model)[1](hidden).float()
+    per_row = (labels[:, 1:] != IGNORE).sum(-1).tolist()
+    return F.cross_entropy(logits, targets, reduction="none"), per_row
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """One evaluation over the eval split: the token-weighted mean loss and its parts per
+    example (records' order): ``nll_sums[i]`` = summed response cross-entropy (nats) of record
+    i, ``n_tokens_per[i]`` = its response token count."""
+
+    loss: float
+    n_tokens: int
+    nll_sums: list[float]
+    n_tokens_per: list[int]
+
+
 @torch.no_grad()
-def evaluate_loss(model, records: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Token-weighted mean response loss over ``records`` (not a mean of batch means)."""
+def evaluate_examples(model, records: list[dict], batch_size: int, pad_id: int) -> EvalResult:
+    """Token-weighted mean response loss over ``records`` (not a mean of batch means), with the
+    summed loss and token count of every record (one pass)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    nll_sums, n_per = [0.0] * len(records), [0] * len(records)
     order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
-        batch = collate([records[i] for i in order[start:start + batch_size]], pad_id)
+        idx = order[start:start + batch_size]
+        batch = collate([records[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
-                                    batch["labels"], share_prefix=True)
-        total += float(loss)
-        count += n
+        tok, per_row = response_token_losses(model, batch["input_ids"], batch["attention_mask"],
+                                             batch["labels"], share_prefix=True)
+        total += float(tok.sum())
+        count += int(tok.numel())
+        for i, part in zip(idx, torch.split(tok.double().cpu(), per_row)):
+            nll_sums[i], n_per[i] = float(part.sum()), int(part.numel())
     model.train(was_training)
-    return total / max(count, 1), count
+    return EvalResult(total / max(count, 1), count, nll_sums, n_per)
+
+
+def evaluate_loss(model, records: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """(token-weighted mean response loss over ``records``, response tokens):
+    :func:`evaluate_examples` without the per-example parts."""
+    r = evaluate_examples(model, records, batch_size, pad_id)
+    return r.loss, r.n_tokens

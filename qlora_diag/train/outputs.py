@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from qlora_diag.core.atomic import atomic_dir, write_json
+from qlora_diag.core.examples import write_examples
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -46,12 +47,16 @@ def write_adapter(model, out_dir: Path, base_reference: str) -> None:
         save_adapter(model, tmp, base_reference)
 
 
-def write_run_report(report_dir: Path, live_dir: Path, metrics: dict, generations: list[dict]) -> None:
+def write_run_report(report_dir: Path, live_dir: Path, metrics: dict, generations: list[dict],
+                     examples: list[dict]) -> None:
     """``report_dir``: the run's dvclive directory (curves, summary, params), ``run.json`` (the
-    run's metrics) and ``generations.jsonl`` (one greedy answer per line), atomically."""
+    run's metrics), ``generations.jsonl`` (one greedy answer per line) and ``examples.jsonl``
+    (per eval example: nll sum, tokens, exact match; :mod:`qlora_diag.core.examples`),
+    atomically."""
     with atomic_dir(report_dir) as tmp:
         shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
         write_json(tmp / "run.json", metrics)
         with open(tmp / "generations.jsonl", "w") as fh:
             for row in generations:
                 fh.write(json.dumps(row) + "\n")
+        write_examples(tmp / "examples.jsonl", examples)

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from qlora_diag.core.config import LoraCfg, TrainCfg, run_name
 from qlora_diag.core.errors import UserError
+from qlora_diag.core.examples import example_rows
 from qlora_diag.core.machine import choose_device, resolve_dtype
 from qlora_diag.data.batching import (
     FixedOrderSampler,
@@ -59,7 +60,7 @@ from qlora_diag.train.generation import (
     generation_records,
     prompt_ids,
 )
-from qlora_diag.train.losses import evaluate_loss, response_loss_sum
+from qlora_diag.train.losses import evaluate_examples, response_loss_sum
 from qlora_diag.train.memory import PeakMemory
 from qlora_diag.train.outputs import write_adapter, write_run_report
 
@@ -70,16 +71,23 @@ TIMING_WARMUP_STEPS = 2
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """Identity of one training run."""
+    """Identity of one training run. ``seed`` draws the adapter init; ``data_seed`` the batch
+    order and the dropout masks (default: ``seed``). A ``data_seed`` other than ``seed`` makes
+    the same-init control: the same initial A and B as the run of ``seed``, other batches."""
 
     method: str
     rank: int
     targets: str
     seed: int
+    data_seed: int | None = None
+
+    def __post_init__(self):
+        if self.data_seed is None:
+            object.__setattr__(self, "data_seed", self.seed)
 
     @property
     def name(self) -> str:
-        return run_name(self.method, self.rank, self.targets, self.seed)
+        return run_name(self.method, self.rank, self.targets, self.seed, self.data_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +208,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                         targets=spec.targets, seed=spec.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     order = training_order([len(r["input_ids"]) for r in train_records], train.batch_size,
-                           train.max_steps, spec.seed, train.group_by_length)
+                           train.max_steps, spec.data_seed, train.group_by_length)
 
     ckpt_dir = checkpoint_root / spec.name
     resume = open_checkpoint_dir(ckpt_dir, fingerprint(
@@ -213,7 +221,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         print(f"{spec.name}: resuming from {resume.name} (step {step}/{train.max_steps})", flush=True)
     live = Live(str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False)
 
-    args = training_arguments(train, output_dir=ckpt_dir, seed=spec.seed, optim=optim,
+    args = training_arguments(train, output_dir=ckpt_dir, seed=spec.data_seed, optim=optim,
                               device_type=device.type, checkpoints=True,
                               progress_bar=os.isatty(2))
     evals = EvalAndTimingCallback(live, model, eval_records, train.batch_size * 2,
@@ -233,8 +241,9 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
 
     # The curve's last point was evaluated after the final step; an interrupted-and-resumed run
     # whose last step completed before the kill has none, so it is computed then.
-    eval_loss, eval_tokens = evals.last_eval if evals.last_eval else evaluate_loss(
-        model, eval_records, train.batch_size * 2, tokenizer.pad_token_id)
+    final = evals.last_eval or evaluate_examples(model, eval_records, train.batch_size * 2,
+                                                 tokenizer.pad_token_id)
+    eval_loss, eval_tokens = final.loss, final.n_tokens
     t_gen = time.perf_counter()
     outputs = generate_greedy(model, prompt_ids(gen_records),
                               max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
@@ -269,7 +278,8 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     live.make_summary()
 
     write_adapter(model, adapter_out, base_model_reference(trained_on))
-    write_run_report(report_dir, live_dir, metrics, rows)
+    write_run_report(report_dir, live_dir, metrics, rows,
+                     example_rows(eval_records, final.nll_sums, final.n_tokens_per, rows))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 

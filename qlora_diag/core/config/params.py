@@ -131,7 +131,8 @@ class SweepCfg:
     """Rank-threshold sweep: LoRA and QLoRA at each rank, targets ``lora.targets``."""
     seeds: list[int] = checked(not_empty("the noise floor needs at least one extra seed, e.g. [1]"),
                                no_duplicates, each(seed_range))
-    """Extra seeds of LoRA and QLoRA at rank ``lora.r``: the noise floor (not the main seed)."""
+    """Extra seeds of LoRA and QLoRA at rank ``lora.r``: the noise floor (not the main seed).
+    The first is also the data-order seed of the same-init control runs (``control_*``)."""
     targets: list[str] = checked(no_duplicates, each(preset_problem))
     """Module-sensitivity sweep at rank ``lora.r``: presets other than ``lora.targets``."""
 

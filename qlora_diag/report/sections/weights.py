@@ -36,7 +36,7 @@ def section_noise(inp: ReportInputs) -> str:
                   fmt.pct(inp.runs[n]["exact_match"])]
                  for method, label in (("lora", "LoRA"), ("qlora", "QLoRA"))
                  for n in inp.seed_runs[method]]
-    floor = floor_test(inp.floors, "cos_sim", rng_seed=inp.paired_seed)
+    floor = floor_test(inp.floors, "cos_sim_mean", rng_seed=inp.paired_seed)
     return (md_table(["pair", "pairs", "cos(ΔW)", "subspace φ", "relative difference"], rows)
             + "\n\nMeans over modules, then over pairs (pairs.csv). Same-seed LoRA vs QLoRA "
               f"({fmt.sim(m['cos_sim_mean'])}) shares the adapter init and the batch order, "
