@@ -200,6 +200,7 @@ QLORA_OUT = [[5, 6, 7], [5, 6, 9], [5], [8, 8, 8]]
 @pytest.fixture(scope="module")
 def fake_pipeline(tmp_path_factory, tiny_base_dir):
     """models/, data/, reports/ as `dvc repro` would leave them before compare, for tiny_params."""
+    from qlora_diag.data.resolved import resolve_max_new_tokens, write_resolved
     from qlora_diag.data.splits import load_split, prepare_dataset
     from qlora_diag.models.loading import load_base, load_tokenizer
     from qlora_diag.models.quantization.per_module import weight_error_table
@@ -208,9 +209,11 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
     p = tiny_params()
     root = tmp_path_factory.mktemp("compare")
     tok = load_tokenizer(tiny_base_dir)
-    prepare_dataset(source=p.data.source, n_train=p.data.n_train, n_eval=p.data.n_eval,
-                    max_length=p.data.max_length, seed=p.seed, tokenizer=tok,
-                    out_dir=root / "data/prepared")
+    stats = prepare_dataset(source=p.data.source, n_train=p.data.n_train, n_eval=p.data.n_eval,
+                            max_length=p.data.max_length, seed=p.seed, tokenizer=tok,
+                            out_dir=root / "data/prepared")
+    write_resolved(root / "data/resolved.json",
+                   resolve_max_new_tokens(p.compare.max_new_tokens, stats["splits"]["train"]))
     quantize_and_save(tiny_base_dir, root / "models/quantized", quant_type=p.quant.type,
                       double_quant=p.quant.double_quant, compute_dtype=p.quant.compute_dtype)
     (root / "reports").mkdir()
@@ -234,7 +237,8 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
         (report / "run.json").write_text(json.dumps(run))
     paths = cmp.ComparePaths(
         base_dir=tiny_base_dir, quant_dir=root / "models/quantized",
-        data_dir=root / "data/prepared", adapters_dir=root / "models/adapters",
+        data_dir=root / "data/prepared", resolved_json=root / "data/resolved.json",
+        adapters_dir=root / "models/adapters",
         train_dir=root / "reports/train", quant_csv=root / "reports/quantization.csv",
         reports_dir=root / "reports", compare_dir=root / "reports/compare")
     return p, paths

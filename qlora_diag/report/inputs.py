@@ -187,8 +187,10 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
     n_per_task = pd.Series([r["task"] for r in first]).value_counts().to_dict()
     per_task = task_drop_table([runs[n] for n in seed_runs["lora"]],
                                [runs[n] for n in seed_runs["qlora"]], n_per_task)
+    data = _read_data(reports / "data.json")
+    max_new_tokens = data["max_new_tokens"]["value"]  # compare.max_new_tokens as prepare resolved it
     no_stop = {m: max_length_rate([r for n in seed_runs[m] for r in gens[n]],
-                                  params.compare.max_new_tokens) for m in ("lora", "qlora")}
+                                  max_new_tokens) for m in ("lora", "qlora")}
     metrics = _read_headline_numbers(reports)
     ranks = _read_csv(reports / "ranks.csv", RANKS_COLUMNS).sort_values("rank", ignore_index=True)
     return ReportInputs(
@@ -198,7 +200,7 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
         pairs=_read_csv(reports / "compare" / "pairs.csv", PAIRS_COLUMNS),
         quant_table=_read_csv(reports / "quantization.csv", QUANTIZATION_COLUMNS),
         quant=_read_json(reports / "quantization.json", QUANTIZATION_KEYS),
-        data=_read_data(reports / "data.json"),
+        data=data,
         setup=_read_setup(reports / "compare" / "setup.json"),
         headline=headline, seed_runs=seed_runs, runs=runs, run_dirs=run_dirs,
         per_task=per_task, no_stop_rate=no_stop)
@@ -212,10 +214,11 @@ def diagnose_inputs(inputs: ReportInputs, params: Params) -> Diagnosis:
         native_lora=inputs.headline_run("lora"), native_qlora=inputs.headline_run("qlora"),
         eval_loss_lora_mean=inputs.seed_mean("lora", "eval_loss"),
         eval_loss_qlora_mean=inputs.seed_mean("qlora", "eval_loss"),
-        gradient_checkpointing=params.train.kbit_prep,
+        # train.gradient_checkpointing applies to both methods: QLoRA never has it alone
+        gradient_checkpointing=False,
         no_stop_rate_lora=inputs.no_stop_rate["lora"],
         no_stop_rate_qlora=inputs.no_stop_rate["qlora"],
         reference_tokens_p95=float(inputs.data["splits"]["eval"]["tokens"]["response"]["p95"]),
         memory_measure=inputs.memory_measure, cos_threshold=params.compare.cos_threshold,
         lora_r=params.lora.r, lora_targets=params.lora.targets,
-        max_new_tokens=params.compare.max_new_tokens)
+        max_new_tokens=inputs.data["max_new_tokens"]["value"])
