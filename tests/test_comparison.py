@@ -93,6 +93,27 @@ def test_kl_known_values():
     assert fn.kl_divergence_sum(torch.cat([p, p]), torch.cat([q, q])) == pytest.approx(2 * expected)
 
 
+def test_response_pair_sums_known_values_in_any_chunking():
+    """Two-word vocabulary, identity heads: model a's logits are its hidden state (0, 0) =
+    P (1/2, 1/2), model b's (0, 1) = Q; labels 0 and 1. Cross-entropy, KL and cosine sums by
+    hand, the same whether the positions are projected one at a time or all at once."""
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    ha = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    hb = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    qa, qb = 1 / (1 + math.e), math.e / (1 + math.e)
+    pa3 = math.e / (1 + math.e)  # both models at (1, 0): P = Q, label 0
+    expected = {"ce_a": 2 * math.log(2) - math.log(pa3),
+                "ce_b": -math.log(qa) - math.log(qb) - math.log(pa3),
+                "kl": 2 * (0.5 * math.log(0.5 / qa) + 0.5 * math.log(0.5 / qb)),
+                "cos": 0.0 + 0.0 + 1.0}  # a zero vector has cosine 0 (eps in the norm)
+    for chunk in (1, 2, 3, 1024):
+        got = fn.response_pair_sums(head, head, ha, hb, y, chunk=chunk)
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), chunk
+
+
 def test_seed_stats_and_noise_aware_gap_by_hand():
     s = headline.seed_stats([1.0, 1.2, 1.1])
     assert s["mean"] == pytest.approx(1.1)
