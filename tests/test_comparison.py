@@ -204,7 +204,7 @@ def _run_json(spec: RunSpec, eval_loss: float, exact: float) -> dict:
             "seed": spec.seed, "optimizer": "adamw_torch", "device": "cpu", "dtype": "float32",
             "kbit_prep": False, "trainable_params": 1000 * spec.rank, "eval_loss": eval_loss,
             "eval_perplexity": math.exp(eval_loss), "eval_tokens": 10, "train_loss_final": 1.0,
-            "exact_match": exact, "exact_match_per_task": {}, "weights_mb": 2.0 if spec.method
+            "exact_match": exact, "exact_match_per_task": {}, "chrf": 50.0, "weights_mb": 2.0 if spec.method
             == "lora" else 1.0, "peak_mem_mb": 300.0 if spec.method == "lora" else 250.0,
             "peak_mem_growth_mb": 50.0, "memory_measure": "test",
             "step_time_median_s": 1.0 if spec.method == "lora" else 1.5, "tokens_per_s": 100.0,

@@ -34,6 +34,7 @@ from qlora_diag.data.batching import (
     collate,
     training_order,
 )
+from qlora_diag.data.overlap import reference_chrf
 from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import (
     base_model_reference,
@@ -272,6 +273,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         "train_loss_final": next((h["loss"] for h in reversed(trainer.state.log_history)
                                   if "loss" in h), None),
         **exact_match_summary(rows),
+        "chrf": reference_chrf(rows),  # the quality measure of free-form answers (data/overlap)
         "weights_mb": model.get_memory_footprint() / 2**20,
         "peak_mem_mb": mem.peak_mb, "peak_mem_growth_mb": mem.growth_mb,
         "memory_measure": memory_measure(mem.description, optim),
