@@ -12,6 +12,7 @@ from pathlib import Path
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
 from qlora_diag.core.machine import configure_threads
+from qlora_diag.data.resolved import read_max_new_tokens
 from qlora_diag.tools.bench.run import format_table, run_bench
 
 OUT = Path("reports/bench.json")
@@ -25,7 +26,8 @@ def main() -> None:
         base_dir=Path("models/base"), quant_dir=Path("models/quantized"),
         data_dir=Path("data/prepared"), base_dtype=params.base.dtype,
         compute_dtype=params.quant.compute_dtype, lora=params.lora, train=params.train,
-        bench=params.bench, gen_max_new_tokens=params.compare.max_new_tokens,
+        bench=params.bench, gen_max_new_tokens=read_max_new_tokens(Path("data/resolved.json"),
+                                               params.compare.max_new_tokens),
         gen_batch_size=params.compare.gen_batch_size, seed=params.seed, repo_dir=Path("."),
         out_path=OUT)
     print(format_table(result))

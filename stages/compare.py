@@ -16,7 +16,8 @@ from qlora_diag.core.machine import configure_threads
 
 PATHS = ComparePaths(
     base_dir=Path("models/base"), quant_dir=Path("models/quantized"),
-    data_dir=Path("data/prepared"), adapters_dir=Path("models/adapters"),
+    data_dir=Path("data/prepared"), resolved_json=Path("data/resolved.json"),
+    adapters_dir=Path("models/adapters"),
     train_dir=Path("reports/train"), quant_csv=Path("reports/quantization.csv"),
     reports_dir=Path("reports"), compare_dir=Path("reports/compare"))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from qlora_diag.core.cli import run_stage
 from qlora_diag.core.config import load_params
-from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import configure_threads
+from qlora_diag.data.resolved import read_max_new_tokens
 from qlora_diag.models.targets import check_against_model
 from qlora_diag.train.trainer import GenerationCfg, RunSpec, run_summary, train_adapter
 
@@ -32,10 +32,8 @@ def main() -> None:
     params = load_params("params.yaml")
     spec = parse_run()
     check_against_model(params, Path("models/base"))
-    if params.compare.max_new_tokens == "auto":  # resolved by prepare, not yet read by train/compare
-        raise UserError("compare.max_new_tokens = 'auto': prepare resolves it (see its value in "
-                        "reports/data.json and data/resolved.json), but training and compare do "
-                        "not use the resolved value yet; set that integer in params.yaml")
+    # prepare resolved the setting (a number, or auto from the train responses) into this file
+    max_new_tokens = read_max_new_tokens(Path("data/resolved.json"), params.compare.max_new_tokens)
     threads = configure_threads(params.train.threads)
     print(f"{spec.name}: training on {threads} thread(s)", flush=True)
     m = train_adapter(
@@ -43,7 +41,7 @@ def main() -> None:
         data_dir=Path("data/prepared"), base_dtype=params.base.dtype,
         compute_dtype=params.quant.compute_dtype, lora=params.lora, train=params.train,
         gen=GenerationCfg(n_generate=params.compare.n_generate,
-                          max_new_tokens=params.compare.max_new_tokens,
+                          max_new_tokens=max_new_tokens,
                           batch_size=params.compare.gen_batch_size),
         adapter_out=Path("models/adapters") / spec.name,
         report_dir=Path("reports/train") / spec.name,

@@ -85,7 +85,8 @@ def test_auto_peft_loads_a_trained_adapter_from_another_directory(tiny_base_dir,
                           compute_dtype="bfloat16")
     train = TrainCfg(max_steps=3, batch_size=4, lr=1e-2, lr_scheduler="constant", warmup_steps=0,
                      weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
-                     share_prefix=True, kbit_prep=False, eval_every=3, save_every=3, threads=1)
+                     share_prefix=True, kbit_prep=False, gradient_checkpointing=False,
+                     eval_every=3, save_every=3, threads=1)
     spec = RunSpec(method, 4, "qv", 0)
     train_adapter(spec, base_dir=Path("models/base"), quant_dir=Path("models/quantized"),
                   data_dir=Path("data/prepared"), base_dtype="bfloat16", compute_dtype="bfloat16",

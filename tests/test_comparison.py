@@ -95,6 +95,30 @@ def test_kl_known_values():
     assert fn.kl_divergence_sum(torch.cat([p, p]), torch.cat([q, q])) == pytest.approx(2 * expected)
 
 
+def test_response_pair_sums_known_values_in_any_chunking():
+    """Two-word vocabulary, identity heads: model a's logits are its hidden state (0, 0) =
+    P (1/2, 1/2), model b's (0, 1) = Q; labels 0 and 1. Cross-entropy, KL and cosine sums by
+    hand, the same whether the positions are projected one at a time or all at once."""
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    ha = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    hb = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    qa, qb = 1 / (1 + math.e), math.e / (1 + math.e)
+    pa3 = math.e / (1 + math.e)  # both models at (1, 0): P = Q, label 0
+    expected = {"ce_a": 2 * math.log(2) - math.log(pa3),
+                "ce_b": -math.log(qa) - math.log(qb) - math.log(pa3),
+                "kl": 2 * (0.5 * math.log(0.5 / qa) + 0.5 * math.log(0.5 / qb)),
+                "cos": 0.0 + 0.0 + 1.0}  # a zero vector has cosine 0 (eps in the norm)
+    for chunk in (1, 2, 3, 1024):
+        got = fn.response_pair_sums(head, head, ha, hb, y, chunk=chunk)
+        per_a, per_b = got.pop("ce_a_per_position"), got.pop("ce_b_per_position")
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), chunk
+        assert per_a.tolist() == pytest.approx([math.log(2), math.log(2), -math.log(pa3)])
+        assert per_b.tolist() == pytest.approx([-math.log(qa), -math.log(qb), -math.log(pa3)])
+
+
 def test_seed_stats_and_noise_aware_gap_by_hand():
     s = headline.seed_stats([1.0, 1.2, 1.1])
     assert s["mean"] == pytest.approx(1.1)
@@ -220,7 +244,7 @@ def _run_json(spec: RunSpec, eval_loss: float, exact: float) -> dict:
             "device": "cpu", "dtype": "float32",
             "kbit_prep": False, "trainable_params": 1000 * spec.rank, "eval_loss": eval_loss,
             "eval_perplexity": math.exp(eval_loss), "eval_tokens": 10, "train_loss_final": 1.0,
-            "exact_match": exact, "exact_match_per_task": {}, "weights_mb": 2.0 if spec.method
+            "exact_match": exact, "exact_match_per_task": {}, "chrf": 50.0, "weights_mb": 2.0 if spec.method
             == "lora" else 1.0, "peak_mem_mb": 300.0 if spec.method == "lora" else 250.0,
             "peak_mem_growth_mb": 50.0, "memory_measure": "test",
             "step_time_median_s": 1.0 if spec.method == "lora" else 1.5, "tokens_per_s": 100.0,
@@ -237,6 +261,7 @@ QLORA_OUT = [[5, 6, 7], [5, 6, 9], [5], [8, 8, 8]]
 @pytest.fixture(scope="module")
 def fake_pipeline(tmp_path_factory, tiny_base_dir):
     """models/, data/, reports/ as `dvc repro` would leave them before compare, for tiny_params."""
+    from qlora_diag.data.resolved import resolve_max_new_tokens, write_resolved
     from qlora_diag.data.splits import load_split, prepare_dataset
     from qlora_diag.models.loading import load_base, load_tokenizer
     from qlora_diag.models.quantization.per_module import weight_error_table
@@ -245,9 +270,11 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
     p = tiny_params()
     root = tmp_path_factory.mktemp("compare")
     tok = load_tokenizer(tiny_base_dir)
-    prepare_dataset(source=p.data.source, n_train=p.data.n_train, n_eval=p.data.n_eval,
-                    max_length=p.data.max_length, seed=p.seed, tokenizer=tok,
-                    out_dir=root / "data/prepared")
+    stats = prepare_dataset(source=p.data.source, n_train=p.data.n_train, n_eval=p.data.n_eval,
+                            max_length=p.data.max_length, seed=p.seed, tokenizer=tok,
+                            out_dir=root / "data/prepared")
+    write_resolved(root / "data/resolved.json",
+                   resolve_max_new_tokens(p.compare.max_new_tokens, stats["splits"]["train"]))
     quantize_and_save(tiny_base_dir, root / "models/quantized", quant_type=p.quant.type,
                       double_quant=p.quant.double_quant, compute_dtype=p.quant.compute_dtype)
     (root / "reports").mkdir()
@@ -271,7 +298,8 @@ def fake_pipeline(tmp_path_factory, tiny_base_dir):
         (report / "run.json").write_text(json.dumps(run))
     paths = cmp.ComparePaths(
         base_dir=tiny_base_dir, quant_dir=root / "models/quantized",
-        data_dir=root / "data/prepared", adapters_dir=root / "models/adapters",
+        data_dir=root / "data/prepared", resolved_json=root / "data/resolved.json",
+        adapters_dir=root / "models/adapters",
         train_dir=root / "reports/train", quant_csv=root / "reports/quantization.csv",
         reports_dir=root / "reports", compare_dir=root / "reports/compare")
     return p, paths

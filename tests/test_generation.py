@@ -90,3 +90,97 @@ def test_restores_training_mode(fp32_model):
     fp32_model.train()
     generate_greedy(fp32_model, [[1, 2, 3]], max_new_tokens=2, batch_size=1, pad_id=0, eos_id=-1)
     assert fp32_model.training
+
+
+# --- sliding-window models (issue 15) ----------------------------------------------------------
+
+def tiny_mistral(window: int):
+    """A random 2-layer Mistral whose layers attend to the last ``window`` positions only."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=3000, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        sliding_window=window, max_position_embeddings=128, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2, attn_implementation="sdpa")
+    return MistralForCausalLM(cfg).eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("window", [4, 64])
+def test_sliding_window_model_generates_what_generate_does(window):
+    """Window 4, shorter than every prompt: the packed prefill kept only the last nodes in its
+    sliding cache and indexed past them (IndexError before the fix); the prompts now decode
+    one at a time. Window 64, longer than prompt + answer: the packed path is exact and used."""
+    from qlora_diag.train.prefix_sharing import attention_window
+
+    model = tiny_mistral(window)
+    assert attention_window(model.config) == window
+    prompts = prompts_with_shared_preambles(6, seed=4)
+    want = [hf_greedy(model, p, 6) for p in prompts]
+    got = generate_greedy(model, prompts, max_new_tokens=6, batch_size=8, pad_id=0, eos_id=1)
+    assert got == want
+
+
+def test_sliding_window_model_loss_is_the_models_own():
+    """Training and evaluation pack rows as a tree with full causal attention among ancestors;
+    a model with a 4-position window attends to less, so the packed loss was another model's.
+    The loss must equal transformers' own loss of the padded batch."""
+    from qlora_diag.data.batching import collate
+    from qlora_diag.train.losses import response_loss_sum
+
+    model = tiny_mistral(4).float()
+    rows = [{"input_ids": p + [7, 8, 9], "n_prompt": len(p)}
+            for p in prompts_with_shared_preambles(5, seed=2)]
+    batch = collate(rows, pad_id=0)
+    ours, n = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
+                                batch["labels"], share_prefix=True)
+    torch.testing.assert_close(ours / n, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+# --- packing fallback (issue 15) ---------------------------------------------------------------
+
+def test_tree_is_used_only_when_it_saves_enough(monkeypatch):
+    from qlora_diag.train import prefix_sharing as ps
+
+    shared = ps.build_prefix_tree([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]])
+    assert (shared.n_nodes, shared.n_tokens) == (12, 22) and ps.tree_saves_enough(shared)
+    # one shared token of 22: 1/22 < MIN_SAVED_SHARE
+    apart = ps.build_prefix_tree([[1] + list(range(20, 30)), [1] + list(range(40, 50))])
+    assert (apart.n_nodes, apart.n_tokens) == (21, 22) and not ps.tree_saves_enough(apart)
+    monkeypatch.setattr(ps, "MAX_TREE_NODES", 11)  # the shared tree has 12 nodes
+    assert not ps.tree_saves_enough(shared)
+
+
+def test_sliding_window_decides_exact_packing(tiny_model):
+    from qlora_diag.train.losses import decoder_parts
+    from qlora_diag.train.prefix_sharing import packs_exactly
+
+    assert packs_exactly(decoder_parts(tiny_model)[0], 10_000)  # Llama: no window
+    backbone = decoder_parts(tiny_mistral(8))[0]
+    assert packs_exactly(backbone, 8) and not packs_exactly(backbone, 9)
+
+
+@pytest.mark.parametrize("min_saved", [0.0, 1.1])  # always packed, never packed
+def test_packed_and_padded_paths_give_the_same_loss(fp32_model, monkeypatch, min_saved):
+    from qlora_diag.data.batching import collate
+    from qlora_diag.train import prefix_sharing as ps
+    from qlora_diag.train.losses import response_loss_sum
+
+    rows = [{"input_ids": p + [7, 8, 9], "n_prompt": len(p)}
+            for p in prompts_with_shared_preambles(6, seed=3)]
+    batch = collate(rows, pad_id=2)
+    monkeypatch.setattr(ps, "MIN_SAVED_SHARE", min_saved)
+    calls = []
+    monkeypatch.setattr("qlora_diag.train.losses.tree_forward",
+                        lambda *a, **k: calls.append(1) or ps.tree_forward(*a, **k))
+    ours, n = response_loss_sum(fp32_model, batch["input_ids"], batch["attention_mask"],
+                                batch["labels"], share_prefix=True)
+    assert len(calls) == (1 if min_saved == 0.0 else 0)
+    torch.testing.assert_close(ours / n, fp32_model(**batch).loss, rtol=1e-6, atol=1e-6)

@@ -28,3 +28,39 @@ def test_gpu_smoke_refuses_cleanly_on_this_cpu_machine():
     assert proc.returncode == 1
     assert proc.stderr.startswith("gpu-smoke: no CUDA device is visible")
     assert "Traceback" not in proc.stderr
+
+
+def test_output_check_wants_one_optimizer_and_the_paged_memory_note(tmp_path):
+    """On CUDA `auto` gives both methods paged AdamW, whose state the CUDA peak leaves out: the
+    check expects that note in memory_measure and refuses runs whose optimizers differ."""
+    import json
+    import shutil
+
+    from qlora_diag.core.config import load_params, run_name
+    from qlora_diag.tools.gpu_smoke import check_outputs
+    from qlora_diag.train.memory import memory_measure
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    p = load_params(tmp_path / "params.yaml")
+    note = memory_measure("CUDA peak allocated tensor memory", "paged_adamw_32bit")
+    assert note != "CUDA peak allocated tensor memory"
+
+    def write_runs(optimizer_of):
+        for m in ("lora", "qlora"):
+            for r in p.sweep.ranks:
+                d = tmp_path / "reports/train" / run_name(m, r, p.lora.targets, p.seed)
+                d.mkdir(parents=True, exist_ok=True)
+                optim = optimizer_of(m)
+                (d / "run.json").write_text(json.dumps({
+                    "device": "cuda", "dtype": "bfloat16", "optimizer": optim,
+                    "memory_measure": memory_measure("CUDA peak allocated tensor memory", optim),
+                    "peak_mem_mb": 100.0}))
+
+    def run_problems():
+        return [x for x in check_outputs(tmp_path, device_type="cuda", expected_dtype="bfloat16")
+                if "reports/train" not in x and not x.startswith(("compare", "reports/", str(tmp_path)))]
+
+    write_runs(lambda m: "paged_adamw_32bit")
+    assert run_problems() == []
+    write_runs(lambda m: "paged_adamw_32bit" if m == "qlora" else "adamw_torch")
+    assert [x for x in run_problems() if "different optimizers" in x]

@@ -228,3 +228,32 @@ def test_summary_weights_bits_by_parameters_and_picks_the_chosen_config():
     assert m["bytes_per_param_16bit_model"] == 2.0 and m["shared_tensors"] == "x = y"
     assert m["configs"]["nf4"]["modules"]["v_proj"] == {"rel_frob_error_mean": 0.3,
                                                        "cosine_mean": 0.97}
+
+
+def test_residual_is_taken_on_the_4bit_layers_device(tiny_model, monkeypatch):
+    """Issue 15: on a GPU host the 4-bit model sits on cuda:0 while the 16-bit W of compare's
+    base is on the CPU, and W − deq(Q(W)) mixed the two. Here the dequantized weight is put on
+    the ``meta`` device (arithmetic between meta and CPU tensors raises, as CUDA and CPU do):
+    the residual must be formed on the 4-bit layer's device, and only when it is looked up."""
+    from qlora_diag.models.quantization import per_module
+
+    looked_up = []
+
+    def on_meta(module):
+        looked_up.append(module)
+        return torch.zeros(module.out_features, module.in_features, device="meta")
+
+    class Fake4bit(torch.nn.Linear):  # named like bitsandbytes' class, as the code selects it
+        pass
+
+    Fake4bit.__name__ = "Linear4bit"
+    quant = torch.nn.Module()
+    quant.add_module("q_proj", Fake4bit(64, 64, bias=False, device="meta"))
+    base = torch.nn.Module()
+    base.add_module("q_proj", tiny_model.model.layers[0].self_attn.q_proj)
+    monkeypatch.setattr(per_module, "dequantized_weight", on_meta)
+    lazy = per_module.QuantizationResiduals(base, quant)
+    assert "q_proj" in lazy and len(lazy) == 1 and not looked_up
+    res = lazy["q_proj"]
+    assert res.device.type == "meta" and res.shape == (64, 64) and res.dtype == torch.float32
+    assert len(looked_up) == 1

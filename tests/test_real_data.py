@@ -387,19 +387,29 @@ def test_alpaca_file_with_auto_max_new_tokens(alpaca_project):
     assert "warning: compare.max_new_tokens" not in proc.stderr
 
 
-def test_training_refuses_auto_max_new_tokens_before_training(tmp_path, tiny_base_dir):
-    """Until training and compare read data/resolved.json, `auto` stops the train stage at its
-    start with what to do, instead of a TypeError in the first greedy evaluation."""
-    import shutil
+def test_training_generates_to_the_resolved_auto_length(tmp_path, tiny_base_dir):
+    """`compare.max_new_tokens: auto` end to end: prepare resolves it into data/resolved.json and
+    the train stage generates to that many tokens (before, it stopped at its start: training did
+    not read the resolved value). The random tiny model rarely emits eos, so its answers run to
+    the limit: the longest generated answer is the resolved length."""
+    from qlora_diag.tools.smoke import SMOKE_PARAMS
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["compare"]["max_new_tokens"] = "auto"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(tiny_base_dir, tmp_path / "models/base")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_base_dir)
+    small = {k: v for k, v in SMOKE_PARAMS.items() if k.split(".")[0] in ("data", "train")}
+    proc = run_prepare(tmp_path, **{**small, "train.max_steps": 2, "train.eval_every": 2,
+                                    "train.save_every": 2, "compare.n_generate": 4,
+                                    "compare.gen_batch_size": 4, "compare.max_new_tokens": "auto"})
+    assert proc.returncode == 0, proc.stderr
+    resolved = read_max_new_tokens(tmp_path / "data" / "resolved.json", "auto")
+    assert resolved == json.loads((tmp_path / "reports" / "data.json").read_text())[
+        "max_new_tokens"]["train_response_p95"] != 8  # not the smoke default
     proc = subprocess.run([sys.executable, str(REPO / "stages/train.py"), "--method", "lora",
-                           "--rank", "8", "--targets", "qv", "--seed", "42"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: compare.max_new_tokens = 'auto': prepare resolves it")
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "models/adapters").exists()
+                           "--rank", "2", "--targets", "qv", "--seed", "42"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = "lora-r2-qv-s42"
+    rows = [json.loads(line) for line in
+            (tmp_path / "reports" / "train" / run / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    assert max(len(r["output_ids"]) for r in rows) == resolved

@@ -225,3 +225,32 @@ def test_low_rank_ceiling_known_cases():
     best = U[:, :1] @ torch.diag(S[:1]) @ Vh[:1]
     assert sim.alignment(best, res) == pytest.approx(sim.low_rank_ceiling(res, 1))
     assert math.isnan(sim.low_rank_ceiling(torch.zeros(3, 3), 1))
+
+
+def _with_singular_values(s: torch.Tensor, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """U·diag(s)·Vᵀ with random orthonormal U (rows × k) and V (cols × k): singular values s."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(rows, len(s), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(cols, len(s), generator=g, dtype=torch.float64))
+    return U @ torch.diag(s) @ V.T
+
+
+def test_top_singular_values_known_answer_exact_and_randomized():
+    s = 10.0 * 0.9 ** torch.arange(120, dtype=torch.float64)  # known, decaying spectrum
+    x = _with_singular_values(s, 400, 300, seed=5).float()
+    exact = sim.top_singular_values(x, 4)  # 300 <= EXACT_SVD_MAX_DIM: float64 svdvals
+    torch.testing.assert_close(exact, s[:4], rtol=1e-6, atol=0)
+    randomized = sim.top_singular_values(x, 4, exact_max_dim=100)  # svd_lowrank
+    torch.testing.assert_close(randomized, s[:4], rtol=1e-5, atol=0)
+    assert torch.equal(randomized, sim.top_singular_values(x, 4, exact_max_dim=100))  # seeded
+
+
+def test_low_rank_ceiling_above_the_exact_size_known_answer():
+    """A residual wider than EXACT_SVD_MAX_DIM on both sides takes the randomized top-r path;
+    its ceiling is sqrt(σ1² + … + σr²) / ‖x‖_F of the constructed spectrum."""
+    n = sim.EXACT_SVD_MAX_DIM + 8
+    s = 1.0 + 5.0 * 0.8 ** torch.arange(n, dtype=torch.float64)  # a flat floor under a peak
+    x = _with_singular_values(s, n + 40, n, seed=9).float()
+    for r in (1, 3):
+        expected = math.sqrt(float((s[:r] ** 2).sum() / (s ** 2).sum()))
+        assert sim.low_rank_ceiling(x, r) == pytest.approx(expected, rel=1e-4)

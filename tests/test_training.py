@@ -33,7 +33,7 @@ LORA = LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv")
 def train_cfg(**over) -> TrainCfg:
     base = dict(max_steps=6, batch_size=4, lr=1e-3, lr_scheduler="constant", warmup_steps=0,
                 weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
-                share_prefix=True, kbit_prep=False,
+                share_prefix=True, kbit_prep=False, gradient_checkpointing=False,
                 eval_every=3, save_every=2, threads=1)
     base.update(over)
     return TrainCfg(**base)
@@ -151,6 +151,54 @@ def test_shared_prefix_gives_the_same_gradient(tiny_base_dir, tmp_path, method):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradient_checkpointing_applies_to_both_methods_alike(tiny_base_dir, tmp_path, method):
+    """train.gradient_checkpointing: on for the LoRA and the QLoRA model alike (issue 15: only
+    train.kbit_prep turned it on, for QLoRA alone), seen as the recomputation of every decoder
+    layer in the backward pass, with the loss and gradients of the off setting (fp32, dropout
+    on: the recomputation replays the same masks). kbit_prep alone leaves it off."""
+    from qlora_diag.models.quantization.save import quantize_and_save
+    from qlora_diag.train.trainer import load_training_base, set_gradient_checkpointing
+
+    if method == "qlora":
+        quantize_and_save(tiny_base_dir, tmp_path / "q", quant_type="nf4", double_quant=True,
+                          compute_dtype="float32")
+    batch = collate(SHARED_PREFIX_ROWS, pad_id=2)
+    results = {}
+    for on in (False, True):
+        base = load_training_base(method, base_dir=tiny_base_dir, quant_dir=tmp_path / "q",
+                                  base_dtype="float32", compute_dtype="float32", kbit_prep=True,
+                                  device=torch.device("cpu"))
+        model = attach_lora(base, rank=4, alpha=8.0, dropout=0.2, targets="qv", seed=3)
+        set_gradient_checkpointing(model, on)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at init would make every A gradient zero
+                torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(7), std=0.05)
+        layers = model.get_base_model().model.layers
+        calls: list[str] = []
+
+        def count(module, *_, calls=calls):
+            calls.append(module)
+
+        for layer in layers:  # the attention inside each checkpointed layer runs again
+            layer.self_attn.register_forward_hook(count)
+        model.train()
+        torch.manual_seed(11)  # the dropout masks
+        loss, _ = response_loss_sum(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], share_prefix=True)
+        loss.backward()
+        results[on] = (loss.detach(), len(calls),
+                       {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (loss_off, calls_off, grads_off), (loss_on, calls_on, grads_on) = results[False], results[True]
+    assert calls_off == len(layers)       # one forward per layer
+    assert calls_on == 2 * len(layers)    # and once more in the backward pass
+    assert all(layer.gradient_checkpointing for layer in layers)
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=0)
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-5, atol=1e-7,
+                                   msg=name)
+
+
 def test_qlora_gradient_is_unchanged_by_an_evaluation_in_between(tiny_base_dir, tmp_path):
     """bitsandbytes repacks a Linear4bit's weights for a bf16 CPU inference kernel the first time
     it runs in eval mode on a CPU with AVX512-BF16, and that kernel has no backward: training
@@ -187,12 +235,28 @@ def test_qlora_gradient_is_unchanged_by_an_evaluation_in_between(tiny_base_dir, 
 
 
 def test_optimizer_choice_by_device():
-    assert choose_optimizer("auto", "qlora", "cuda") == "paged_adamw_32bit"
-    assert choose_optimizer("auto", "lora", "cuda") == "adamw_torch"
-    assert choose_optimizer("auto", "qlora", "cpu") == "adamw_torch"
-    assert choose_optimizer("adamw_torch", "qlora", "cuda") == "adamw_torch"
+    assert choose_optimizer("auto", "cuda") == "paged_adamw_32bit"
+    assert choose_optimizer("auto", "cpu") == "adamw_torch"
+    assert choose_optimizer("adamw_torch", "cuda") == "adamw_torch"
     with pytest.raises(UserError, match="train.optimizer.*CUDA"):
-        choose_optimizer("paged_adamw_32bit", "qlora", "cpu")
+        choose_optimizer("paged_adamw_32bit", "cpu")
+
+
+def test_both_methods_get_one_optimizer_on_a_cuda_host(monkeypatch):
+    """Issue 15: under auto, QLoRA got paged AdamW and LoRA plain AdamW on CUDA. The device is
+    the one the training stage chooses (torch.cuda patched to one visible GPU); the method is
+    not an input of the choice, and the memory measure then says what it leaves out."""
+    from qlora_diag.core.machine import choose_device
+    from qlora_diag.train.memory import memory_measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    device = choose_device()
+    assert device.type == "cuda"
+    optim = choose_optimizer("auto", device.type)
+    assert optim == "paged_adamw_32bit"
+    assert "paged optimizer state" in memory_measure("CUDA peak allocated tensor memory", optim)
+    assert memory_measure("x", "adamw_torch") == "x"
 
 
 def test_memory_backend_choice():

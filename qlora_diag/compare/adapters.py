@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,11 +215,13 @@ def compare_adapters(factors_a: dict[str, Factor], factors_b: dict[str, Factor],
 
 
 def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[str, Factor],
-                           residuals: dict[str, Tensor]) -> pd.DataFrame:
+                           residuals: Mapping[str, Tensor]) -> pd.DataFrame:
     """Per module: does the QLoRA update learn to undo the quantization error?
 
     ``residuals[name]`` = W − deq(Q(W)) of the base module (out×in, from the quantize stage;
-    extra modules are ignored). Columns: ``name, layer, module, norm_delta_lora,
+    extra modules are ignored), looked up once per module, so a lazy mapping
+    (:class:`~qlora_diag.models.quantization.per_module.QuantizationResiduals`) holds one at a
+    time. Columns: ``name, layer, module, norm_delta_lora,
     norm_delta_qlora, norm_residual`` (Frobenius norms); ``alignment`` =
     cos(ΔW_QLoRA − ΔW_LoRA, residual) (:func:`similarity.alignment`); ``alignment_qlora`` =
     cos(ΔW_QLoRA, residual); ``alignment_ceiling`` = the largest cosine any matrix of rank
@@ -227,7 +230,7 @@ def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[
     ``alignment_chance`` = 1/sqrt(out·in), the root-mean-square cosine of a direction drawn
     uniformly at random with the residual (E cos² = 1/(out·in)): what "unrelated" looks like.
     ΔW is formed densely, one module at a time (fine up to a few thousand wide; the ceiling's
-    full SVD is the slowest step).
+    top-r singular values only).
     """
     _check_same_modules(factors_lora, factors_qlora, "the LoRA adapter", "the QLoRA adapter")
     lacking = [n for n in factors_lora if n not in residuals]
@@ -250,7 +253,7 @@ def quantization_alignment(factors_lora: dict[str, Factor], factors_qlora: dict[
             "name": name, "layer": layer, "module": module,
             "norm_delta_lora": torch.linalg.matrix_norm(dl).item(),
             "norm_delta_qlora": torch.linalg.matrix_norm(dq).item(),
-            "norm_residual": torch.linalg.matrix_norm(res.to(torch.float64)).item(),
+            "norm_residual": torch.linalg.matrix_norm(res.to(torch.float64)).item(),  # on its device
             "alignment": sim.alignment(dq - dl, res),
             "alignment_qlora": sim.cosine(dq, res),
             "alignment_ceiling": sim.low_rank_ceiling(res, min(fl.rank + fq.rank, *fl.shape)),

@@ -60,12 +60,54 @@ def kl_divergence_sum(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     ``logits_p`` and Q = softmax of ``logits_q`` (rows = positions, columns = vocabulary),
     computed in float32 from log-softmax (no log of a rounded probability). 0 for equal logits;
     asymmetric: P is the reference distribution (16-bit LoRA in the comparison)."""
+    return float(_kl_sum(logits_p, logits_q))
+
+
+def _kl_sum(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"kl_divergence_sum: shapes differ, {tuple(logits_p.shape)} vs "
                          f"{tuple(logits_q.shape)}")
     logp = F.log_softmax(logits_p.float(), dim=-1)
     logq = F.log_softmax(logits_q.float(), dim=-1)
-    return float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
+    return F.kl_div(logq, logp, log_target=True, reduction="sum")
+
+
+# Response positions projected onto the vocabulary at once, per model: the fp32 logits of a
+# chunk are chunk x vocabulary (1024 x 128k = 0.5 GB at Llama 3's vocabulary) whatever the
+# batch's response length (issue 15: all of a batch's positions at once, on the CPU).
+LOGIT_CHUNK = 1024
+
+
+def response_pair_sums(head_a, head_b, hidden_a: torch.Tensor, hidden_b: torch.Tensor,
+                       labels: torch.Tensor, chunk: int = LOGIT_CHUNK) -> dict:
+    """Sums over response positions of both models' cross-entropy, KL(P_a ‖ P_b) and the cosine
+    of the final hidden states, in chunks of ``chunk`` positions, on ``hidden_a``'s device;
+    plus ``ce_a_per_position`` / ``ce_b_per_position``: each position's cross-entropy (float64,
+    CPU), for the per-example records.
+
+    Each model's LM head runs on its own device (``hidden_b`` stays with ``head_b``); its
+    logits and hidden states are then moved to ``hidden_a``'s device, explicitly, so the two
+    models may live on different devices (issue 15)."""
+    dev = hidden_a.device
+    labels = labels.to(dev)
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    ce_a, ce_b = [], []
+    for start in range(0, len(labels), chunk):
+        part = slice(start, start + chunk)
+        la = head_a(hidden_a[part]).float()
+        lb = head_b(hidden_b[part]).float().to(dev)
+        y = labels[part]
+        ce_a.append(F.cross_entropy(la, y, reduction="none").double())
+        ce_b.append(F.cross_entropy(lb, y, reduction="none").double())
+        sums += torch.stack([
+            _kl_sum(la, lb),
+            F.cosine_similarity(hidden_a[part].float(), hidden_b[part].float().to(dev),
+                                dim=-1).sum()]).to(torch.float64)
+    ce_a_all = torch.cat(ce_a).cpu() if ce_a else torch.zeros(0, dtype=torch.float64)
+    ce_b_all = torch.cat(ce_b).cpu() if ce_b else torch.zeros(0, dtype=torch.float64)
+    kl, cos = sums.tolist()
+    return {"ce_a": float(ce_a_all.sum()), "ce_b": float(ce_b_all.sum()), "kl": kl, "cos": cos,
+            "ce_a_per_position": ce_a_all, "ce_b_per_position": ce_b_all}
 
 
 def _device(model) -> torch.device:
@@ -83,8 +125,9 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
     positions of the cosine between the two models' final hidden states, after the last norm)
     and ``n_tokens``; per record (``records``' order) ``nll_a``, ``nll_b`` (summed response
     cross-entropy, nats) and ``n_tokens_per`` (response tokens), the parts of ``loss_a`` and
-    ``loss_b``. Only response positions are projected onto the vocabulary, so memory is
-    one batch of hidden states plus (response tokens × vocabulary) logits per model.
+    ``loss_b``. Only response positions are projected onto the vocabulary, in chunks on
+    ``model_a``'s device (:func:`response_pair_sums`), so memory is one batch of hidden states
+    plus (:data:`LOGIT_CHUNK` × vocabulary) logits per model.
     """
     for m in (model_a, model_b):
         m.eval()
@@ -98,23 +141,19 @@ def pair_forward_stats(model_a, model_b, records: list[dict], batch_size: int, p
         batch = collate([records[i] for i in idx], pad_id)
         per_row = (batch["labels"][:, 1:] != IGNORE).sum(-1).tolist()
         outs = []
-        for model, head in ((model_a, head_a), (model_b, head_b)):
+        for model in (model_a, model_b):
             dev = _device(model)
             inputs = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
-            h, y = response_hidden(model, *inputs,
-                                   share_prefix=True)
-            outs.append((h.float().cpu(), head(h).float().cpu()))
-        (ha, la), (hb, lb) = outs
-        y = y.cpu()
-        tok_a = F.cross_entropy(la, y, reduction="none")
-        tok_b = F.cross_entropy(lb, y, reduction="none")
-        loss_a += float(tok_a.sum())
-        loss_b += float(tok_b.sum())
-        for i, pa, pb in zip(idx, torch.split(tok_a.double(), per_row),
-                             torch.split(tok_b.double(), per_row)):
+            outs.append(response_hidden(model, *inputs, share_prefix=True))
+        (ha, y), (hb, _) = outs
+        sums = response_pair_sums(head_a, head_b, ha, hb, y)
+        loss_a += sums["ce_a"]
+        loss_b += sums["ce_b"]
+        kl += sums["kl"]
+        cos += sums["cos"]
+        for i, pa, pb in zip(idx, torch.split(sums["ce_a_per_position"], per_row),
+                             torch.split(sums["ce_b_per_position"], per_row)):
             nll_a[i], nll_b[i], n_per[i] = float(pa.sum()), float(pb.sum()), int(pa.numel())
-        kl += kl_divergence_sum(la, lb)
-        cos += float(F.cosine_similarity(ha, hb, dim=-1).sum())
         n += int(y.numel())
     if n == 0:
         raise UserError("the eval split has no response tokens; re-create it with `dvc repro "

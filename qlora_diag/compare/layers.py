@@ -14,13 +14,12 @@ import torch
 from qlora_diag.compare.adapters import load_adapter_factors, quantization_alignment
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import LAYERS_COLUMNS, QUANTIZATION_COLUMNS
-from qlora_diag.models.quantization.per_module import quantization_residuals
+from qlora_diag.models.quantization.per_module import QuantizationResiduals
 
 
 def _module_subset(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
     """A container whose ``named_modules()`` yields ``names`` under their full names, sharing
-    (not copying) the modules: :func:`quantization_residuals` of all of SmolLM2's linear layers
-    would hold ~420 MB of float32 residuals; the adapted ones are what alignment needs."""
+    (not copying) the modules: only the adapted ones' residuals are what alignment needs."""
     root = torch.nn.Module()
     for name in names:
         parent = root
@@ -80,6 +79,7 @@ def headline_layers(base, quant, lora_dir: Path, qlora_dir: Path, compare: pd.Da
     """
     f_lora, f_qlora = load_adapter_factors(lora_dir), load_adapter_factors(qlora_dir)
     names = list(f_lora)
-    residuals = quantization_residuals(_module_subset(base, names), _module_subset(quant, names))
+    # computed module by module as the alignment reaches it, on the 4-bit model's device
+    residuals = QuantizationResiduals(_module_subset(base, names), _module_subset(quant, names))
     align = quantization_alignment(f_lora, f_qlora, residuals)
     return layer_table(compare, align, quant_errors, quant_csv), align

@@ -92,6 +92,7 @@ from qlora_diag.core.schemas import (
     FUNCTION_COLUMNS,
     PAIRS_COLUMNS,
 )
+from qlora_diag.data.resolved import read_max_new_tokens
 from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.train.generation import generation_examples
@@ -105,6 +106,7 @@ class ComparePaths:
     base_dir: Path        # stage base: the 16-bit base (LoRA's), with tokenizer
     quant_dir: Path       # stage quantize: the 4-bit base (QLoRA's)
     data_dir: Path        # stage prepare: eval.jsonl
+    resolved_json: Path   # stage prepare: compare.max_new_tokens resolved (data/resolved.json)
     adapters_dir: Path    # training stages: <run>/ PEFT adapters
     train_dir: Path       # training stages: <run>/run.json, generations.jsonl
     quant_csv: Path       # stage quantize: quantization error per module and configuration
@@ -201,7 +203,9 @@ def run_compare(params: Params, paths: ComparePaths) -> CompareResult:
     is loaded; a missing one is a :class:`UserError` naming the path and the stage that
     writes it."""
     p, timings, t_start = params, {}, time.perf_counter()
-    gen = GenerationCfg(n_generate=p.compare.n_generate, max_new_tokens=p.compare.max_new_tokens,
+    gen = GenerationCfg(n_generate=p.compare.n_generate,
+                        max_new_tokens=read_max_new_tokens(paths.resolved_json,
+                                                           p.compare.max_new_tokens),
                         batch_size=p.compare.gen_batch_size)
     # The forward passes are no-grad evaluation like generation, so they share its batch size.
     batch_size = p.compare.gen_batch_size

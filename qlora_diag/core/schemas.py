@@ -58,7 +58,7 @@ def quant_config_key(quant_type: str, double_quant: bool) -> str:
 RUN_KEYS = (
     "run", "method", "rank", "targets", "seed", "data_seed", "optimizer", "device", "dtype", "kbit_prep",
     "trainable_params", "eval_loss", "eval_perplexity", "eval_tokens", "train_loss_final",
-    "exact_match", "exact_match_per_task", "weights_mb", "peak_mem_mb", "peak_mem_growth_mb",
+    "exact_match", "exact_match_per_task", "chrf", "weights_mb", "peak_mem_mb", "peak_mem_growth_mb",
     "memory_measure", "step_time_median_s", "tokens_per_s", "timed_steps", "resumed_from_step",
     "generation_s", "wall_s",
 )

@@ -218,8 +218,10 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
     floors = _read_csv(floors_path, FLOORS_COLUMNS) if floors_path.exists() else None
     transfer_path = reports / "compare" / "transfer.json"
     transfer = _read_json(transfer_path, ("cases",)) if transfer_path.exists() else None
+    data = _read_data(reports / "data.json")
+    max_new_tokens = data["max_new_tokens"]["value"]  # compare.max_new_tokens as prepare resolved it
     no_stop = {m: max_length_rate([r for n in seed_runs[m] for r in gens[n]],
-                                  params.compare.max_new_tokens) for m in ("lora", "qlora")}
+                                  max_new_tokens) for m in ("lora", "qlora")}
     metrics = _read_headline_numbers(reports)
     ranks = _read_csv(reports / "ranks.csv", RANKS_COLUMNS).sort_values("rank", ignore_index=True)
     return ReportInputs(
@@ -229,7 +231,7 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
         pairs=_read_csv(reports / "compare" / "pairs.csv", PAIRS_COLUMNS),
         quant_table=_read_csv(reports / "quantization.csv", QUANTIZATION_COLUMNS),
         quant=_read_json(reports / "quantization.json", QUANTIZATION_KEYS),
-        data=_read_data(reports / "data.json"),
+        data=data,
         setup=_read_setup(reports / "compare" / "setup.json"),
         headline=headline, seed_runs=seed_runs, runs=runs, run_dirs=run_dirs,
         no_stop_rate=no_stop, paired=paired_evidence(examples, params), floors=floors,
@@ -241,10 +243,11 @@ def diagnose_inputs(inputs: ReportInputs, params: Params) -> Diagnosis:
     return diagnose(
         paired=inputs.paired, floors=inputs.floors, metrics=inputs.metrics, ranks=inputs.ranks,
         modules=inputs.modules, layers=inputs.layers, transfer=inputs.transfer,
-        gradient_checkpointing=params.train.kbit_prep,
+        # train.gradient_checkpointing applies to both methods: QLoRA never has it alone
+        gradient_checkpointing=False,
         no_stop_rate_lora=inputs.no_stop_rate["lora"],
         no_stop_rate_qlora=inputs.no_stop_rate["qlora"],
         reference_tokens_p95=float(inputs.data["splits"]["eval"]["tokens"]["response"]["p95"]),
         memory_measure=inputs.memory_measure, cos_threshold=params.compare.cos_threshold,
-        lora_targets=params.lora.targets, max_new_tokens=params.compare.max_new_tokens,
+        lora_targets=params.lora.targets, max_new_tokens=inputs.data["max_new_tokens"]["value"],
         rng_seed=params.seed)

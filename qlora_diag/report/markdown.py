@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from qlora_diag.core import numbers as fmt
 from qlora_diag.core.config import Params
+from qlora_diag.data.overlap import exact_match_applies
 from qlora_diag.report.inputs import ReportInputs
+from qlora_diag.report.sections.answers import section_answers, section_tasks_for_source
 from qlora_diag.report.sections.diagnosis import (
     FIGURE_CAPTIONS,
     section_failures,
@@ -53,7 +55,8 @@ SECTIONS = (
     "Quality per rank", "Training efficiency", "Noise floor", "Weight similarity per layer",
     "Does the QLoRA adapter undo the quantization error?", "Module sensitivity",
     "Rank threshold", "Quantization error", "Transfer check", "Base model reference",
-    "Exact match per task family", "Figures", "Verdicts", "Failure modes", "Caveats",
+    "Exact match per task family", "Answer measures by data source", "Figures", "Verdicts",
+    "Failure modes", "Caveats",
 )
 
 
@@ -78,7 +81,8 @@ def render_report(inputs: ReportInputs, diagnosis: Diagnosis, params: Params,
         "Quantization error": section_quant(inp),
         "Transfer check": section_transfer(inp),
         "Base model reference": section_base(inp),
-        "Exact match per task family": section_tasks(inp),
+        "Exact match per task family": section_tasks_for_source(inp, section_tasks(inp)),
+        "Answer measures by data source": section_answers(inp, p),
         "Figures": section_figures(figure_dir),
         "Verdicts": section_verdicts(diag),
         "Failure modes": section_failures(diag),
@@ -102,7 +106,11 @@ def readme_summary(inputs: ReportInputs, diagnosis: Diagnosis, params: Params,
          fmt.loss(inputs.seed_mean("qlora", "eval_loss"))],
         [f"exact match (mean over {inputs.n_seeds} seeds)",
          fmt.pct(inputs.seed_mean("lora", "exact_match")),
-         fmt.pct(inputs.seed_mean("qlora", "exact_match"))],
+         fmt.pct(inputs.seed_mean("qlora", "exact_match"))]
+        if exact_match_applies(inputs.data["source"]) else  # free-form: chrF instead
+        [f"chrF vs reference (mean over {inputs.n_seeds} seeds)",
+         fmt.fixed(inputs.seed_mean("lora", "chrf"), 1),
+         fmt.fixed(inputs.seed_mean("qlora", "chrf"), 1)],
         ["weights (MB)", fmt.mb(m["weights_mb_lora"]), fmt.mb(m["weights_mb_qlora"])],
         ["training peak (MB)", fmt.mb(m["peak_mem_mb_lora"]), fmt.mb(m["peak_mem_mb_qlora"])],
         ["tokens per second", fmt.fixed(m["tokens_per_s_lora"], 1),

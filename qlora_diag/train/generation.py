@@ -6,7 +6,9 @@ turn), so a batch of prompts is decoded in two steps:
 
 1. **prefill**: the batch's prompts run packed as a prefix tree, so the tokens they share are
    computed once (:mod:`qlora_diag.train.prefix_sharing`); the LM head runs on each prompt's last
-   token only, and the packed KV cache is gathered into one left-padded row per prompt;
+   token only, and the packed KV cache is gathered into one left-padded row per prompt. When
+   packing saves little or would not be exact (a sliding window shorter than the sequences),
+   one left-padded pass instead; past a sliding window, each prompt alone;
 2. **decoding**: one token per step from ``argmax``, at the position it has after the unpadded
    prompt; a row that has produced eos leaves the batch (its cache rows are dropped), so late
    steps cost only the rows still running.
@@ -27,19 +29,22 @@ from qlora_diag.core.config import require_eval_examples
 from qlora_diag.data.answers import exact_match
 from qlora_diag.train.losses import decoder_parts
 from qlora_diag.train.prefix_sharing import (
+    attention_window,
     build_prefix_tree,
-    supports_tree_mask,
+    packs_exactly,
     tree_forward,
+    tree_saves_enough,
 )
 
 
-def _prefill(backbone, head, prompts: list[list[int]], device):
-    """Run the prompts packed as a prefix tree; returns each row's first new token, its KV cache
-    (rows left-padded to the longest prompt) and the cache's attention mask."""
+def _prefill(backbone, head, tree, device):
+    """Run the prompts packed as the prefix tree ``tree``; returns each row's first new token,
+    its KV cache (rows left-padded to the longest prompt) and the cache's attention mask."""
     from transformers import DynamicCache
 
-    tree = build_prefix_tree(prompts)
-    packed = DynamicCache(config=backbone.config)
+    # Full-length layers for the packed pass (a sliding-window layer built from the config
+    # would keep only the last nodes of the tree); the per-row cache below follows the config.
+    packed = DynamicCache()
     hidden = tree_forward(backbone, tree, device, cache=packed).last_hidden_state[0]
     last = torch.tensor([path[-1] for path in tree.paths], device=device)
     token = head(hidden[last]).float().argmax(-1)
@@ -69,8 +74,16 @@ def _decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_i
     if max_new_tokens <= 0:
         return out
     backbone, head = decoder_parts(model)
-    if supports_tree_mask(backbone):
-        token, cache, mask = _prefill(backbone, head, prompts, device)
+    window = attention_window(backbone.config)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if window is not None and longest > window and len(prompts) > 1:
+        # Past the window a left pad takes one of the window's positions, so a padded row would
+        # see fewer real tokens than it does alone: such prompts are decoded one at a time.
+        return [_decode_batch(model, [p], max_new_tokens=max_new_tokens, pad_id=pad_id,
+                              eos_id=eos_id, device=device)[0] for p in prompts]
+    tree = build_prefix_tree(prompts) if packs_exactly(backbone, longest) else None
+    if tree is not None and tree_saves_enough(tree):
+        token, cache, mask = _prefill(backbone, head, tree, device)
     else:
         token, cache, mask = _padded_prefill(backbone, head, prompts, pad_id, device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

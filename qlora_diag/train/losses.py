@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from qlora_diag.data.batching import IGNORE, collate
 from qlora_diag.train.prefix_sharing import (
     build_prefix_tree,
-    supports_tree_mask,
+    packs_exactly,
     tree_forward,
+    tree_saves_enough,
 )
 
 
@@ -43,17 +44,20 @@ def response_hidden(model, input_ids, attention_mask, labels, *,
     row-major order, from a right-padded batch (:func:`~qlora_diag.data.batching.collate`).
 
     With ``share_prefix`` the batch runs packed as a prefix tree, so tokens the rows share are
-    computed once (:mod:`qlora_diag.train.prefix_sharing`); otherwise, or when the attention
-    implementation cannot take a tree mask, as a padded batch.
+    computed once (:mod:`qlora_diag.train.prefix_sharing`); otherwise as a padded batch, and
+    also when packing would not be exact (:func:`packs_exactly`: no tree masks, a sliding
+    window) or saves little (:func:`tree_saves_enough`).
     """
     backbone, _ = decoder_parts(model)
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    if not (share_prefix and supports_tree_mask(backbone)):
+    lengths = attention_mask.sum(-1).tolist()
+    tree = None
+    if share_prefix and packs_exactly(backbone, max(lengths)):
+        tree = build_prefix_tree([ids[:n].tolist() for ids, n in zip(input_ids, lengths)])
+    if tree is None or not tree_saves_enough(tree):
         hidden = hidden_states(model, input_ids, attention_mask)
         return hidden[:, :-1][keep], targets[keep]
-    lengths = attention_mask.sum(-1).tolist()
-    tree = build_prefix_tree([ids[:n].tolist() for ids, n in zip(input_ids, lengths)])
     hidden = tree_forward(backbone, tree, input_ids.device).last_hidden_state[0]
     rows, cols = keep.nonzero(as_tuple=True)  # row-major, as boolean indexing orders them
     nodes = [tree.paths[r][c] for r, c in zip(rows.tolist(), cols.tolist())]

@@ -46,17 +46,24 @@ class PrefixTree:
     def position_ids(self, device) -> torch.Tensor:
         return torch.tensor([self.depths], dtype=torch.long, device=device)
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the unpacked sequences (what a padded batch computes, pads aside)."""
+        return sum(len(p) for p in self.paths)
+
     def attention_mask(self, dtype: torch.dtype, device) -> torch.Tensor:
         """(1, 1, nodes, nodes) additive mask: 0 where a node may attend (its ancestors and
-        itself), the dtype's minimum elsewhere."""
+        itself), the dtype's minimum elsewhere. Built on ``device``, one step per sequence:
+        the nodes on a sequence's path see each other causally (issue 15: a Python loop per
+        node on the CPU, then a copy)."""
         n = self.n_nodes
-        visible = torch.zeros((n, n), dtype=torch.bool)
-        for node, parent in enumerate(self.parents):
-            if parent >= 0:
-                visible[node] = visible[parent]
-            visible[node, node] = True
-        mask = torch.zeros((n, n), dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-        return mask[None, None].to(device)
+        visible = torch.zeros((n, n), dtype=torch.bool, device=device)
+        for path in self.paths:
+            idx = torch.tensor(path, dtype=torch.long, device=device)
+            causal = torch.ones((len(path), len(path)), dtype=torch.bool, device=device).tril()
+            visible[idx[:, None], idx[None, :]] |= causal
+        mask = torch.zeros((n, n), dtype=dtype, device=device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)[None, None]
 
 
 def build_prefix_tree(seqs: list[list[int]]) -> PrefixTree:
@@ -79,6 +86,46 @@ def build_prefix_tree(seqs: list[list[int]]) -> PrefixTree:
 
 def supports_tree_mask(backbone) -> bool:
     return getattr(backbone.config, "_attn_implementation", None) in TREE_MASK_ATTENTION
+
+
+# Packing pays when the rows share enough: below this share of tokens saved, a padded batch
+# (which SDPA can run with its fused kernels, no dense mask) is used instead.
+MIN_SAVED_SHARE = 0.1
+# The mask is dense, nodes x nodes: 4096 nodes are 16.8 M entries (34 MB in bf16) per forward
+# and attention over all of them; larger packs go padded.
+MAX_TREE_NODES = 4096
+
+
+def tree_saves_enough(tree: PrefixTree) -> bool:
+    """Whether packing ``tree`` is worth its dense mask: at most :data:`MAX_TREE_NODES` nodes,
+    and at least :data:`MIN_SAVED_SHARE` of the batch's tokens computed once instead of per row
+    (issue 15: on Alpaca-like data prompts share little)."""
+    if tree.n_nodes > MAX_TREE_NODES:
+        return False
+    return 1 - tree.n_nodes / tree.n_tokens >= MIN_SAVED_SHARE
+
+
+def packs_exactly(backbone, longest: int) -> bool:
+    """Whether a tree-packed pass equals the padded one for ``backbone``: the attention
+    implementation takes an arbitrary mask, and no sequence (``longest`` positions) reaches
+    past a sliding window (:func:`attention_window`)."""
+    window = attention_window(backbone.config)
+    return supports_tree_mask(backbone) and (window is None or longest <= window)
+
+
+def attention_window(config) -> int | None:
+    """The fewest past positions any layer attends to: the ``sliding_window`` (or attention
+    chunk) of models with sliding-window layers (Mistral, Phi-3, Gemma 2/3), None when every
+    layer attends to the whole sequence. Read the way transformers' own caches read it.
+
+    A tree mask is the full causal mask restricted to a row's ancestors, so packing is exact
+    for such a model only while every sequence fits in the window; beyond it the model attends
+    to fewer positions than the tree shows (issue 15)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    _, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = [kw["sliding_window"] for kw in per_layer if kw.get("sliding_window")]
+    return min(windows) if windows else None
 
 
 def compute_dtype(backbone) -> torch.dtype:

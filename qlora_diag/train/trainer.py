@@ -35,6 +35,7 @@ from qlora_diag.data.batching import (
     collate,
     training_order,
 )
+from qlora_diag.data.overlap import reference_chrf
 from qlora_diag.data.splits import load_split
 from qlora_diag.models.loading import (
     base_model_reference,
@@ -61,7 +62,7 @@ from qlora_diag.train.generation import (
     prompt_ids,
 )
 from qlora_diag.train.losses import evaluate_examples, response_loss_sum
-from qlora_diag.train.memory import PeakMemory
+from qlora_diag.train.memory import PeakMemory, memory_measure
 from qlora_diag.train.outputs import write_adapter, write_run_report
 
 METHODS = ("lora", "qlora")
@@ -99,11 +100,13 @@ class GenerationCfg:
     batch_size: int
 
 
-def choose_optimizer(setting: str, method: str, device_type: str) -> str:
-    """``auto``: the QLoRA paper's paged AdamW for QLoRA on CUDA (it pages optimizer state to
-    CPU memory under pressure); plain AdamW otherwise (paged optimizers need CUDA)."""
+def choose_optimizer(setting: str, device_type: str) -> str:
+    """``auto``: the QLoRA paper's paged AdamW on CUDA (it pages optimizer state to CPU memory
+    under pressure), plain AdamW elsewhere (paged optimizers need CUDA). The choice does not
+    depend on the method: LoRA and QLoRA get the same optimizer, so they differ in the base
+    only (issue 15: paged AdamW for QLoRA alone was a second difference)."""
     if setting == "auto":
-        return "paged_adamw_32bit" if method == "qlora" and device_type == "cuda" else "adamw_torch"
+        return "paged_adamw_32bit" if device_type == "cuda" else "adamw_torch"
     if setting.startswith("paged") and device_type != "cuda":
         raise UserError(f"train.optimizer = {setting!r}: paged optimizers need a CUDA device and "
                         f"this run is on {device_type}; use auto or adamw_torch")
@@ -124,14 +127,28 @@ def load_training_base(method: str, *, base_dir: Path, quant_dir: Path, base_dty
                        compute_dtype: str, kbit_prep: bool, device: torch.device):
     """:func:`load_method_base`, for QLoRA passed through PEFT's
     ``prepare_model_for_kbit_training`` when ``train.kbit_prep`` is set: the model the adapter
-    is attached to."""
+    is attached to. Its gradient checkpointing stays off: that is ``train.gradient_checkpointing``,
+    applied to both methods by :func:`set_gradient_checkpointing` (issue 15: kbit_prep turned it
+    on for QLoRA alone)."""
     model = load_method_base(method, base_dir=base_dir, quant_dir=quant_dir,
                              base_dtype=base_dtype, compute_dtype=compute_dtype, device=device)
     if method == "qlora" and kbit_prep:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Turn activation checkpointing of every decoder layer on (or leave it off) for a PEFT
+    model, the same call for both methods. Non-reentrant checkpointing: the frozen base's inputs
+    need no ``requires_grad``, and the recomputation replays the RNG state, so LoRA dropout draws
+    the same masks and the gradients equal those without checkpointing. It acts in training
+    mode only; evaluation and generation run as before."""
+    if on:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def attach_lora(model, *, rank: int, alpha: float, dropout: float, targets: str, seed: int):
@@ -194,7 +211,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
 
     t_start = time.perf_counter()
     device = choose_device()
-    optim = choose_optimizer(train.optimizer, spec.method, device.type)
+    optim = choose_optimizer(train.optimizer, device.type)
     tokenizer = load_tokenizer(base_dir)
     train_records = load_split(data_dir / "train.jsonl")
     eval_records = load_split(data_dir / "eval.jsonl")
@@ -206,6 +223,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                                kbit_prep=train.kbit_prep, device=device)
     model = attach_lora(model, rank=spec.rank, alpha=lora.alpha, dropout=lora.dropout,
                         targets=spec.targets, seed=spec.seed)
+    set_gradient_checkpointing(model, train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     order = training_order([len(r["input_ids"]) for r in train_records], train.batch_size,
                            train.max_steps, spec.data_seed, train.group_by_length)
@@ -233,7 +251,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                      "device": device.type, "base_dtype": resolve_dtype(base_dtype),
                      "compute_dtype": resolve_dtype(compute_dtype), "kbit_prep": train.kbit_prep,
                      "trainable_params": trainable,
-                     "memory_measure": PeakMemory(device).description})
+                     "memory_measure": memory_measure(PeakMemory(device).description, optim)})
 
     with PeakMemory(device) as mem:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -264,9 +282,10 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
         "train_loss_final": next((h["loss"] for h in reversed(trainer.state.log_history)
                                   if "loss" in h), None),
         **exact_match_summary(rows),
+        "chrf": reference_chrf(rows),  # the quality measure of free-form answers (data/overlap)
         "weights_mb": model.get_memory_footprint() / 2**20,
         "peak_mem_mb": mem.peak_mb, "peak_mem_growth_mb": mem.growth_mb,
-        "memory_measure": mem.description,
+        "memory_measure": memory_measure(mem.description, optim),
         "step_time_median_s": statistics.median(step_s) if step_s else None,
         "tokens_per_s": sum(tokens) / sum(step_s) if step_s else None,
         "timed_steps": len(step_s), "resumed_from_step": step_of(resume),

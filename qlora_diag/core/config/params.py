@@ -107,13 +107,15 @@ class TrainCfg:
     max_grad_norm: float = checked(lambda v: None if v > 0 else "must be > 0")
     """Gradient clipping norm."""
     optimizer: str = checked(one_of(*OPTIMIZERS))
-    """``auto`` = paged_adamw_32bit for QLoRA on CUDA, adamw_torch otherwise."""
+    """``auto`` = paged_adamw_32bit on CUDA for both methods, adamw_torch otherwise."""
     group_by_length: bool = checked()
     """Batch examples of similar length (less padding)."""
     share_prefix: bool = checked()
     """Encode a prompt prefix that rows of a batch share once per step."""
     kbit_prep: bool = checked()
-    """QLoRA only: run ``peft.prepare_model_for_kbit_training``."""
+    """QLoRA only: run ``peft.prepare_model_for_kbit_training`` (without its checkpointing)."""
+    gradient_checkpointing: bool = checked()
+    """Recompute decoder-layer activations in the backward pass, for both methods alike."""
     eval_every: int = checked(positive)
     """Steps between eval-loss evaluations."""
     save_every: int = checked(positive)

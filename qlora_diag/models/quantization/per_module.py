@@ -3,6 +3,7 @@ each configuration, the model's storage by category, and the residuals W - dequa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 
 import bitsandbytes.functional as bnbf
 import pandas as pd
@@ -151,22 +152,51 @@ def dequantized_weight(module: torch.nn.Module) -> Tensor:
     return bnbf.dequantize_4bit(module.weight.data, state).to(torch.float32)
 
 
+def quantization_residual(name: str, base_module: torch.nn.Module,
+                          quant_module: torch.nn.Module) -> Tensor:
+    """W − deq(Q(W)) (float32, out x in) of one module, on the 4-bit module's device.
+
+    The 4-bit model may sit on ``cuda:0`` while the 16-bit W is on the CPU (issue 15: the
+    subtraction mixed devices); W is copied to where the dequantized weight is, one module at a
+    time, so no more than one module's residual is materialized by this function."""
+    w_hat = dequantized_weight(quant_module)
+    w = _weight_out_in(base_module).detach().to(device=w_hat.device, dtype=torch.float32)
+    if w.shape != w_hat.shape:
+        raise ValueError(f"quantization_residuals: {name} is {tuple(w.shape)} in the base "
+                         f"model but {tuple(w_hat.shape)} in the quantized model")
+    return w - w_hat
+
+
+class QuantizationResiduals(Mapping):
+    """``{full module name: W − deq(Q(W))}`` for every Linear4bit of ``quant_model``, W from the
+    same-named module of the 16-bit ``base_model``, computed when looked up (not stored):
+    a consumer that takes one module at a time holds one residual at a time (issue 15: at 8B
+    every module's fp32 residual at once is tens of GB)."""
+
+    def __init__(self, base_model: torch.nn.Module, quant_model: torch.nn.Module):
+        self._base = dict(base_model.named_modules())
+        self._quant = {n: m for n, m in quant_model.named_modules()
+                       if type(m).__name__ == "Linear4bit"}
+        for name in self._quant:
+            if name not in self._base:
+                raise ValueError(f"quantization_residuals: {name} is quantized but the base "
+                                 "model has no module of that name; were both loaded from the "
+                                 "same base?")
+
+    def __getitem__(self, name: str) -> Tensor:
+        return quantization_residual(name, self._base[name], self._quant[name])
+
+    def __contains__(self, name: object) -> bool:  # without computing the residual
+        return name in self._quant
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._quant)
+
+    def __len__(self) -> int:
+        return len(self._quant)
+
+
 def quantization_residuals(base_model: torch.nn.Module,
                            quant_model: torch.nn.Module) -> dict[str, Tensor]:
-    """``{full module name: W − deq(Q(W))}`` (float32, out x in) for every Linear4bit of
-    ``quant_model``, W taken from the same-named module of the 16-bit ``base_model``."""
-    out = {}
-    base_modules = dict(base_model.named_modules())
-    for name, module in quant_model.named_modules():
-        if type(module).__name__ != "Linear4bit":
-            continue
-        if name not in base_modules:
-            raise ValueError(f"quantization_residuals: {name} is quantized but the base model "
-                             "has no module of that name; were both loaded from the same base?")
-        w = _weight_out_in(base_modules[name]).detach().to("cpu", torch.float32)
-        w_hat = dequantized_weight(module)
-        if w.shape != w_hat.shape:
-            raise ValueError(f"quantization_residuals: {name} is {tuple(w.shape)} in the base "
-                             f"model but {tuple(w_hat.shape)} in the quantized model")
-        out[name] = w - w_hat
-    return out
+    """Every residual of :class:`QuantizationResiduals` at once (small models and tests)."""
+    return dict(QuantizationResiduals(base_model, quant_model))

@@ -59,7 +59,8 @@ def section_setup(inp: ReportInputs, p: Params) -> str:
         f"{fmt.fixed(ev['tokens']['response']['mean'], 1)} tokens on average (95th percentile "
         f"{fmt.fixed(ev['tokens']['response']['p95'], 1)}, with eos). The first "
         f"{p.compare.n_generate} eval examples are decoded greedily (at most "
-        f"{p.compare.max_new_tokens} new tokens).")
+        f"{d['max_new_tokens']['value']} new tokens"
+        f"{', compare.max_new_tokens = auto' if p.compare.max_new_tokens == 'auto' else ''}).")
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items())
     lines.append(f"- **Hardware**: {s['device']} ({s['cpu_model']}), {s['threads']} torch "
                  f"threads; peak memory is the {inp.memory_measure}.")
@@ -85,10 +86,12 @@ def section_setup(inp: ReportInputs, p: Params) -> str:
         f"({p.train.lr_scheduler}, {p.train.warmup_steps} warm-up steps), optimizer "
         f"{run['optimizer']}, LoRA alpha {p.lora.alpha:g}, dropout {p.lora.dropout:g}, "
         f"targets `{p.lora.targets}`; QLoRA "
-        + ("with peft's prepare_model_for_kbit_training (train.kbit_prep: gradient "
-           "checkpointing, norms and embeddings upcast to float32)." if p.train.kbit_prep else
-           "without prepare_model_for_kbit_training (train.kbit_prep = false: no gradient "
-           "checkpointing, the same training code path as LoRA).")
+        + ("with peft's prepare_model_for_kbit_training (train.kbit_prep: norms and "
+           "embeddings upcast to float32)." if p.train.kbit_prep else
+           "without prepare_model_for_kbit_training (train.kbit_prep = false: the same "
+           "training code path as LoRA).")
+        + (" Both methods trained with gradient checkpointing (train.gradient_checkpointing)."
+           if p.train.gradient_checkpointing else "")
         + (" Prompt prefixes that rows of a batch share are encoded once per step "
            "(train.share_prefix: the same loss and gradient; LoRA dropout on those positions "
            "draws one mask per distinct prefix)." if p.train.share_prefix else ""))

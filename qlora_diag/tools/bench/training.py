@@ -36,6 +36,7 @@ from qlora_diag.train.trainer import (
     build_trainer,
     choose_optimizer,
     load_training_base,
+    set_gradient_checkpointing,
 )
 
 
@@ -77,9 +78,12 @@ class TrainSetup:
                                   kbit_prep=self.train.kbit_prep, device=device)
 
     def project_model(self, method: str, device: torch.device):
-        """:meth:`load` + the project's :func:`~qlora_diag.train.trainer.attach_lora`."""
-        return attach_lora(self.load(method, device), rank=self.lora.r, alpha=self.lora.alpha,
-                           dropout=self.lora.dropout, targets=self.lora.targets, seed=self.seed)
+        """:meth:`load` + the project's :func:`~qlora_diag.train.trainer.attach_lora` and
+        :func:`~qlora_diag.train.trainer.set_gradient_checkpointing`."""
+        model = attach_lora(self.load(method, device), rank=self.lora.r, alpha=self.lora.alpha,
+                            dropout=self.lora.dropout, targets=self.lora.targets, seed=self.seed)
+        set_gradient_checkpointing(model, self.train.gradient_checkpointing)
+        return model
 
 
 def project_trainer(model, setup: TrainSetup, method: str, device: torch.device, pad_id: int,
@@ -91,7 +95,7 @@ def project_trainer(model, setup: TrainSetup, method: str, device: torch.device,
 
     records = load_split(Path(setup.data_dir) / "train.jsonl")
     args = training_arguments(setup.train, output_dir=workdir / "trainer", seed=setup.seed,
-                              optim=choose_optimizer(setup.train.optimizer, method, device.type),
+                              optim=choose_optimizer(setup.train.optimizer, device.type),
                               device_type=device.type, checkpoints=False, progress_bar=False)
     live = Live(str(workdir / f"live-{method}"), dvcyaml=False, save_dvc_exp=False)
     return build_trainer(model, args, records, pad_id=pad_id, order=setup.order(records),
