@@ -62,6 +62,6 @@ def test_report_says_which_measures_apply(tmp_path, source):
     # the fixture's answers are all "o": LoRA and QLoRA agree everywhere
     assert "chrF 100.0, identical answers 100.0 %" in answers
     tasks = text.split("## Exact match per task family\n\n")[1].split("\n## ")[0]
-    assert ("| task family | examples |" in tasks) != free_form
+    assert ("| task family | paired examples" in tasks) != free_form
     summary = report.readme_summary(inputs, diag, params)
     assert ("| chrF vs reference (mean over 2 seeds) | 42.5 | 40.5 |" in summary) == free_form
