@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_diag.core.config import Params, run_name
+from qlora_diag.core.config import Params, headline_seeds, run_name
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import (
     DATA_KEYS,
@@ -167,7 +167,7 @@ def _read_headline_numbers(reports: Path) -> dict:
 
 def run_sets(params: Params) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(headline run per method, every seed run per method at rank lora.r, main seed first)."""
-    seeds = [params.seed, *params.sweep.seeds]
+    seeds = headline_seeds(params)
     headline = {m: run_name(m, params.lora.r, params.lora.targets, params.seed)
                 for m in ("lora", "qlora")}
     seed_runs = {m: [run_name(m, params.lora.r, params.lora.targets, s) for s in seeds]
