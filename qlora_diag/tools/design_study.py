@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(REPO / "reports"))
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
     parser.add_argument("--only", default=None, help="comma-separated recipe names to run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default train.threads); 1 holds up far better than "
+                             "2 when other processes share 2 cores")
     a = parser.parse_args(argv)
     p = load_params(a.params)
-    threads = configure_threads(p.train.threads)
+    threads = configure_threads(p.train.threads if a.threads is None else a.threads)
     root = Path(a.work or tempfile.mkdtemp(prefix="qlora-design-"))
     plan = recipes(p)
     if a.only:
