@@ -183,6 +183,9 @@ class BenchCfg:
     """LoRA rank in the benchmark."""
     gen_examples: int = checked(positive)
     """Eval examples of the batched vs one-at-a-time generation benchmark."""
+    paired_seeds: int = checked(positive)
+    """Paired seeds (the first of the headline seeds) timed both ways, one run per process and
+    all seeds of a method in one process, at the headline setting with the run's recipe."""
 
 
 @dataclasses.dataclass(frozen=True)
