@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qlora_diag.core.errors import UserError
-from qlora_diag.core.machine import load_average
+from qlora_diag.core.machine import cpu_flags, cpu_model, load_average
 
 OLD, NEW = "one_run_per_process", "seeds_per_process"
 # The repository whose stages/train.py is timed: the one this code belongs to.
@@ -85,7 +85,9 @@ def bench_paired_seeds(*, base_dir: Path, quant_dir: Path, data_dir: Path,
         "paired_seeds_wall_s": total,
         "paired_seeds_process_walls_s": walls,
         "paired_seeds_config": {"rank": rank, "targets": targets, "seeds": list(seeds),
-                                "threads_per_process": threads,
+                                "threads_per_process": threads, "cpu_model": cpu_model(),
+                                "cpu_cores": os.cpu_count(),
+                                "cpu_bf16_flags": sorted({"avx512_bf16", "amx_bf16"} & cpu_flags()),
                                 "loadavg_start": load_start, "loadavg_end": load_average()},
         "paired_seeds_notes": (
             "wall time of stages/train.py processes from start to exit (imports, model load, "

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from qlora_diag.core.atomic import write_json
 from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg
 from qlora_diag.core.errors import UserError
-from qlora_diag.core.machine import choose_device, cpu_flags, cpu_model, load_average
+from qlora_diag.core.machine import choose_device, load_average
 from qlora_diag.tools.bench.generation import bench_generation
 from qlora_diag.tools.bench.matmul import MATMUL_SHAPE, machine_facts
 from qlora_diag.tools.bench.measures import GOALS, TRAIN_RATIO_AIM, goal_status
@@ -48,7 +47,8 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
     ``train``. Generation uses ``bench.gen_examples`` eval prompts and the run's decoding knobs.
     Paired seeds per minute (:mod:`.paired`) time whole ``stages/train.py`` processes at the
     headline setting (``lora``, ``train`` and ``params_file`` as they are) for ``paired_seeds``.
-    ``paired_only``: only that measurement, merged into an existing ``out_path``.
+    ``paired_only``: only that measurement, merged into an existing ``out_path`` (its machine is
+    in ``paired_seeds_config``, the other numbers keep theirs in ``machine``).
     """
     t_start = time.perf_counter()
     check_inputs(base_dir, quant_dir, data_dir)
@@ -62,10 +62,6 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
 
         result = json.loads(out_path.read_text()) if out_path.is_file() else {}
         result.update(paired)
-        flags = cpu_flags()
-        result.setdefault("machine", {}).update({
-            "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-            "cpu_bf16_flags": sorted({"avx512_bf16", "amx_bf16"} & flags)})
         result["goals"] = {**result.get("goals", {}), "paired_seeds_speedup": goal_status(
             paired["paired_seeds_speedup"], *GOALS["paired_seeds_speedup"])}
         write_json(out_path, result)
@@ -194,7 +190,8 @@ def format_table(result: dict) -> str:
 def paired_line(result: dict) -> str:
     """The paired-seeds-per-minute line of the stdout summary."""
     w, cfg = result["paired_seeds_wall_s"], result["paired_seeds_config"]
-    return (f"paired seeds ({len(cfg['seeds'])} seeds, rank {cfg['rank']}, {cfg['targets']}, "
+    return (f"paired seeds on {cfg['cpu_model']} ({cfg['cpu_cores']} cores; "
+            f"{len(cfg['seeds'])} seeds, rank {cfg['rank']}, {cfg['targets']}, "
             f"{cfg['threads_per_process']} thread(s) per process): one run per process "
             f"{w['one_run_per_process']:.0f} s, seeds per process {w['seeds_per_process']:.0f} s "
             f"-> {result['paired_seeds_per_minute']:.2f} paired seeds/min "
