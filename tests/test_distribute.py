@@ -70,7 +70,7 @@ def test_training_stages_are_the_adapter_stages_dvc_expands(tmp_path):
     listed = dvc(project, "stage", "list").stdout.splitlines()
     adapter_stages = {line.split()[0] for line in listed if "models/adapters/" in line}
     planned = D.training_stages(load_params(project / "params.yaml"))
-    assert len(planned) == len(set(planned)) == 16
+    assert len(planned) == len(set(planned)) == 18  # (4 ranks + 2 seeds + 3 presets) x 2
     assert set(planned) == adapter_stages
     assert D.upstream_stages(project, planned) == ["base", "prepare", "quantize"]
 
