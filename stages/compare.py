@@ -11,7 +11,7 @@ from pathlib import Path
 from qlora_diag.compare.outputs import summary_lines, write_outputs
 from qlora_diag.compare.run import ComparePaths, run_compare
 from qlora_diag.core.cli import run_stage
-from qlora_diag.core.config import load_params
+from qlora_diag.core.config import headline_seeds, load_params
 from qlora_diag.core.machine import configure_threads
 
 PATHS = ComparePaths(
@@ -26,7 +26,7 @@ def main() -> None:
     params = load_params("params.yaml")
     threads = configure_threads(params.train.threads)
     print(f"compare: {len(params.sweep.ranks)} rank(s), {1 + len(params.sweep.targets)} "
-          f"preset(s), {1 + len(params.sweep.seeds)} seed(s) at r={params.lora.r}; "
+          f"preset(s), {len(headline_seeds(params))} seed(s) at r={params.lora.r}; "
           f"{threads} thread(s)", flush=True)
     result = run_compare(params, PATHS)
     write_outputs(result, PATHS)

@@ -130,23 +130,49 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_params_file(path, tiny_base_dir):
+    """The repository's params.yaml shrunk to the tiny pipeline, for the timed train.py runs."""
+    import yaml
+
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["base"] = {"model": "embedded:tiny-llama", "dtype": "float32"}
+    p["quant"]["compute_dtype"] = "float32"
+    p["lora"]["r"] = 2
+    p["train"].update(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, save_every=2,
+                      threads=1)
+    p["compare"].update(n_generate=4, max_new_tokens=4, gen_batch_size=4)
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
 def test_run_bench_end_to_end(tiny_base_dir, tiny_pipeline, tmp_path, one_thread):
     out = tmp_path / "reports" / "bench.json"
-    params = load_params(REPO / "params.yaml")  # the run's training knobs, as the stage uses
+    params_file = tiny_params_file(tmp_path / "params.yaml", tiny_base_dir)
+    params = load_params(params_file)  # the run's training knobs, as the stage uses
     result = run_bench(
         base_dir=tiny_base_dir, quant_dir=tiny_pipeline / "quantized",
         data_dir=tiny_pipeline / "data", base_dtype="float32", compute_dtype="float32",
         lora=params.lora, train=dataclasses.replace(params.train, threads=1),
-        bench=BenchCfg(steps=2, warmup_steps=1, batch_size=4, rank=2, gen_examples=4),
+        bench=BenchCfg(steps=2, warmup_steps=1, batch_size=4, rank=2, gen_examples=4,
+                       paired_seeds=2),
         gen_max_new_tokens=4, gen_batch_size=4, seed=0, repo_dir=tmp_path, out_path=out,
-        log=lambda *a, **k: None)
+        paired_seeds=[42, 1], params_file=params_file, threads=1, log=lambda *a, **k: None)
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    # paired seeds: 2 seeds x 2 methods one run per process, 1 process per method the new way
+    walls = result["paired_seeds_process_walls_s"]
+    assert [len(walls["one_run_per_process"][m]) for m in ("lora", "qlora")] == [2, 2]
+    assert [len(walls["seeds_per_process"][m]) for m in ("lora", "qlora")] == [1, 1]
+    total = {k: sum(sum(w) for w in v.values()) for k, v in walls.items()}
+    assert result["paired_seeds_per_minute"] == pytest.approx(120 / total["seeds_per_process"])
+    assert result["paired_seeds_speedup"] == pytest.approx(
+        total["one_run_per_process"] / total["seeds_per_process"])
     for key in ("train_throughput_ratio_lora", "train_throughput_ratio_qlora",
                 "qlora_lora_step_time_ratio", "qlora_lora_peak_mem_ratio", "generation_speedup",
                 "noop_repro_s", "train_roofline_fraction_lora", "train_roofline_fraction_qlora",
                 "generation_outputs_identical", "weights_mb_lora", "weights_mb_qlora",
-                "peak_mem_mb_lora", "peak_mem_mb_qlora", "machine", "goals"):
+                "peak_mem_mb_lora", "peak_mem_mb_qlora", "machine", "goals",
+                "paired_seeds_per_minute", "paired_seeds_per_cpu_minute", "paired_seeds_speedup"):
         assert key in result, key
     assert set(result["goals"]) == set(GOALS)
     for key in ("cpu_model", "cpu_cores", "torch_threads", "device", "dtype_lora", "torch",

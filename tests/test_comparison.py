@@ -40,7 +40,7 @@ N_GENERATE = 4
 
 def tiny_params(**sweep) -> Params:
     """The repository's params.yaml (so every key exists), shrunk to the tiny pipeline: ranks
-    [2, 4] with the headline at r = 4 on qv, one extra seed, one extra preset."""
+    [2, 4] with the headline at r = 4 on qv, one extra seed, one extra preset, no setting seeds."""
     p = load_params(REPO / "params.yaml")
     return dataclasses.replace(
         p, seed=42,
@@ -49,7 +49,8 @@ def tiny_params(**sweep) -> Params:
                                  max_length=96),
         quant=QuantCfg(type="nf4", double_quant=True, compute_dtype="float32"),
         lora=LoraCfg(r=4, alpha=8.0, dropout=0.0, targets="qv"),
-        sweep=SweepCfg(**(dict(ranks=[2, 4], seeds=[1], targets=["kv"]) | sweep)),
+        sweep=SweepCfg(**(dict(ranks=[2, 4], seeds=[1], setting_seeds=[], targets=["kv"])
+                           | sweep)),
         compare=dataclasses.replace(p.compare, n_generate=N_GENERATE, max_new_tokens=3,
                                     gen_batch_size=4, subspace_k=2))
 
@@ -217,6 +218,25 @@ def test_floor_pairs_are_exactly_the_expected_ones():
         "lora-qlora-cross": [(L(42), Q(1)), (L(1), Q(7))],
         "lora-qlora-same": [(L(42), Q(42)), (L(1), Q(1)), (L(7), Q(7))],
         "lora-qlora-control": [(L(42), Q(42, 1))]}
+
+
+def test_setting_seeds_are_trained_by_their_settings_stage():
+    """Each setting trains seed and sweep.setting_seeds in one stage; the headline setting adds
+    sweep.seeds in their own stages: 2 ranks x 3 + 2 + 1 preset x 3 = 11 runs per method."""
+    p = tiny_params(setting_seeds=[5, 6], seeds=[1, 7])
+    specs = runs.all_runs(p)
+    assert len(specs) == len({s.name for s in specs}) == 22
+    assert runs.noise_seeds(p) == [42, 5, 6, 1, 7]
+    assert runs.producing_stage(RunSpec("lora", 2, "qv", 6), p) == "train_lora@2"
+    assert runs.producing_stage(RunSpec("qlora", 4, "qv", 5), p) == "train_qlora@4"
+    assert runs.producing_stage(RunSpec("qlora", 4, "qv", 7), p) == "seeds_qlora@7"
+    assert runs.producing_stage(RunSpec("lora", 4, "kv", 5), p) == "modules_lora@kv"
+    with pytest.raises(ValueError):
+        runs.producing_stage(RunSpec("lora", 4, "kv", 7), p)  # extra seeds: headline only
+    from qlora_diag.distribute import training_stages
+    assert training_stages(p) == ["train_lora@2", "train_qlora@2", "train_lora@4", "train_qlora@4",
+                                  "seeds_lora@1", "seeds_qlora@1", "seeds_lora@7",
+                                  "seeds_qlora@7", "modules_lora@kv", "modules_qlora@kv"]
 
 
 # ---------------------------------------------------------------------------------------------

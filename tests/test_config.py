@@ -207,6 +207,13 @@ def test_sweep_seeds():
         "sweep.seeds = [-3]: contains -3: a seed must be in 0 .. 4294967295")
 
 
+def test_setting_seeds_fill_exactly_the_slots_dvc_yaml_names():
+    assert only(problems_after(("sweep.setting_seeds", [5]))).startswith(
+        "sweep.setting_seeds = [5]: lists 1 value(s), must list exactly 2: dvc.yaml's")
+    assert only(problems_after(("sweep.setting_seeds", [5, 5]))).startswith(
+        "sweep.setting_seeds = [5, 5]: has duplicates (5)")
+
+
 @pytest.mark.parametrize("key, value, hint", [
     ("quant.type", "nf3", "must be one of nf4, fp4 (did you mean 'nf4'?)"),
     ("quant.compute_dtype", "bf16", "must be one of auto, bfloat16, float16, float32"),
@@ -264,8 +271,10 @@ def test_sweep_targets_must_be_presets():
 @pytest.mark.parametrize("edits, message", [
     ([("lora.r", 32)], "lora.r = 32 is not in sweep.ranks [2, 4, 8, 16]: the headline "
                        "comparison uses the rank-sweep runs at lora.r, so add it to sweep.ranks"),
-    ([("sweep.seeds", [1, 42])], "sweep.seeds [1, 42] contains the main seed 42: list only the "
+    ([("sweep.seeds", [3, 42])], "sweep.seeds [3, 42] contains the main seed 42: list only the "
                                  "extra seeds of the noise-floor runs"),
+    ([("sweep.setting_seeds", [42, 5])], "sweep.setting_seeds [42, 5] contains the main seed 42"),
+    ([("sweep.setting_seeds", [5, 4])], "sweep.seeds [3, 4] and sweep.setting_seeds [5, 4] share [4]"),
     ([("sweep.targets", ["qv", "kv"])], "sweep.targets ['qv', 'kv'] contains lora.targets ('qv')"),
     ([("data.n_eval", 64), ("compare.n_generate", 65)],
      "compare.n_generate = 65 is larger than data.n_eval = 64"),
@@ -434,7 +443,7 @@ def test_every_field_has_a_docstring():
             if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                     and isinstance(after.value.value, str) and after.value.value.strip()):
                 undocumented.append(f"{cls.name}.{stmt.target.id}")
-    assert undocumented == [] and n_fields == leaves == 46
+    assert undocumented == [] and n_fields == leaves == 48
 
 
 # --- command line -----------------------------------------------------------------------------

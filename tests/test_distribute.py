@@ -40,7 +40,7 @@ from qlora_diag.tools.smoke import SMOKE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_STAGES = ["train_lora@2", "train_qlora@2", "train_lora@4", "train_qlora@4",
-                "seeds_lora@1", "seeds_qlora@1", "modules_lora@kv", "modules_qlora@kv",
+                "seeds_lora@3", "seeds_qlora@3", "modules_lora@kv", "modules_qlora@kv",
                 "control_lora", "control_qlora"]
 # One torch thread per stage: the node runs two jobs at once on 2 cores. The reference runs with
 # the same params, so it computes the same numbers.
@@ -71,7 +71,7 @@ def test_training_stages_are_the_adapter_stages_dvc_expands(tmp_path):
     listed = dvc(project, "stage", "list").stdout.splitlines()
     adapter_stages = {line.split()[0] for line in listed if "models/adapters/" in line}
     planned = D.training_stages(load_params(project / "params.yaml"))
-    assert len(planned) == len(set(planned)) == 18
+    assert len(planned) == len(set(planned)) == 20  # (4 ranks + 2 seeds + 3 presets + control) x 2
     assert set(planned) == adapter_stages
     assert D.upstream_stages(project, planned) == ["base", "prepare", "quantize"]
 
@@ -631,7 +631,7 @@ def shared(reference, tmp_path_factory):
     r = dict(push=dvc(a, "push"))
     git(root, "clone", "-q", "-b", "main", str(origin), str(b))
     r.update(b=b, a=a, pull=dvc(b, "pull"), status=dvc(b, "status"), repro=dvc(b, "repro"))
-    r["exp_run"] = dvc(a, "exp", "run", "-n", "more-seeds", "-S", "sweep.seeds=[1,2]",
+    r["exp_run"] = dvc(a, "exp", "run", "-n", "more-seeds", "-S", "sweep.seeds=[3,5]",
                        check=False)
     r["exp_metrics"] = json.loads((a / "reports/metrics.json").read_text())
     r["exp_push"] = dvc(a, "exp", "push", "origin", "more-seeds", check=False)
@@ -653,16 +653,16 @@ def test_a_fresh_clone_gets_every_result_with_dvc_pull_and_experiments_travel(sh
     assert "Data and pipelines are up to date." in shared["status"].stdout
     assert "Running stage" not in shared["repro"].stdout, shared["repro"].stdout
 
-    # the experiment: two more runs (seed 2) trained in clone a, pulled by clone b
+    # the experiment: two more runs (seed 5) trained in clone a, pulled by clone b
     for step in ("exp_run", "exp_push", "exp_pull", "exp_show", "exp_apply", "repro_after_apply"):
         proc = shared[step]
         assert proc.returncode == 0, (step, proc.stdout[-2000:], proc.stderr[-2000:])
     ran = [x.split("'")[1] for x in shared["exp_run"].stdout.splitlines()
            if x.startswith("Running stage")]
-    assert ran == ["seeds_lora@2", "seeds_qlora@2", "compare", "plot"]
+    assert ran == ["seeds_lora@5", "seeds_qlora@5", "compare", "plot"]
     assert "more-seeds" in shared["exp_show"].stdout
     assert "Running stage" not in shared["repro_after_apply"].stdout
-    for run in ("lora-r4-qv-s2", "qlora-r4-qv-s2"):
+    for run in ("lora-r4-qv-s5", "qlora-r4-qv-s5"):
         assert file_digests(b / "models/adapters" / run) == file_digests(a / "models/adapters" / run)
     assert json.loads((b / "reports/metrics.json").read_text()) == shared["exp_metrics"]
 
@@ -712,22 +712,22 @@ def test_fanout_through_s3_trains_only_the_new_seed(fanout, shared, s3_server, s
     dvc(project, "remote", "modify", "--local", "s3", "access_key_id", "testing")
     dvc(project, "remote", "modify", "--local", "s3", "secret_access_key", "testing")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["sweep"]["seeds"] = [1, 2]
+    params["sweep"]["seeds"] = [3, 5]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit_all(project, "S3 remote, one more seed")
 
     proc = submit(project, slurm)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("10 training stages; the run-cache answers 8, 2 to run: seeds_lora@2, seeds_qlora@2"
+    assert ("10 training stages; the run-cache answers 8, 2 to run: seeds_lora@5, seeds_qlora@5"
             in proc.stdout), proc.stdout
     sweep = sweep_dir_of(proc.stdout)
-    for stage in ("seeds_lora@2", "seeds_qlora@2"):
+    for stage in ("seeds_lora@5", "seeds_qlora@5"):
         assert f"Running stage '{stage}'" in (sweep / "logs" / f"{stage}.log").read_text()
     # the eight earlier runs are in the workspace already ("didn't change"), the two new ones
     # come from S3
     ran, restored = repro_log(sweep / "logs/final.log")
     assert ran == ["compare", "plot"]
-    assert restored == {"seeds_lora@2", "seeds_qlora@2"}
+    assert restored == {"seeds_lora@5", "seeds_qlora@5"}
     assert "restored 2 stage(s) from the run-cache and ran compare, plot" in proc.stdout
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="qlora-sweeps",
                                                      Prefix="store/runs/")["Contents"]]

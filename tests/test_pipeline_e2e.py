@@ -37,9 +37,12 @@ SPEC_METRIC_KEYS = ("eval_loss_lora", "eval_loss_qlora", "eval_loss_gap", "exact
 
 
 def expected_runs(p) -> list[str]:
-    runs = [run_name(m, r, p.lora.targets, p.seed) for m in ("lora", "qlora") for r in p.sweep.ranks]
+    per_setting = [p.seed, *p.sweep.setting_seeds]
+    runs = [run_name(m, r, p.lora.targets, s) for m in ("lora", "qlora") for r in p.sweep.ranks
+            for s in per_setting]
     runs += [run_name(m, p.lora.r, p.lora.targets, s) for m in ("lora", "qlora") for s in p.sweep.seeds]
-    runs += [run_name(m, p.lora.r, t, p.seed) for m in ("lora", "qlora") for t in p.sweep.targets]
+    runs += [run_name(m, p.lora.r, t, s) for m in ("lora", "qlora") for t in p.sweep.targets
+             for s in per_setting]
     runs += [run_name(m, p.lora.r, p.lora.targets, p.seed, p.sweep.seeds[0])
              for m in ("lora", "qlora")]  # the same-init control
     return runs
@@ -309,7 +312,7 @@ def test_exp_run_retrains_only_what_depends_on_lora_r(project):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
     assert not any(s.startswith(("train_lora@", "train_qlora@")) for s in ran), ran
-    assert {"seeds_lora@1", "seeds_qlora@1", "modules_lora@kv", "modules_qlora@kv", "compare"} <= ran
+    assert {"seeds_lora@3", "seeds_qlora@3", "modules_lora@kv", "modules_qlora@kv", "compare"} <= ran
     diff = dvc(project, "metrics", "diff", "--json")
     changed = json.loads(diff.stdout)["reports/metrics.json"]
     assert "eval_loss_gap" in changed or "cos_sim_mean" in changed, changed

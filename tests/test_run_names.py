@@ -73,10 +73,31 @@ def test_dvc_yaml_outs_are_run_names():
     """The training stages' outs spell run names by hand; with values substituted they parse."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     values = {"item.rank": "4", "lora.r": "8", "lora.targets": "qv", "item.targets": "attn_mlp",
-              "seed": "42", "item.seed": "1", "sweep.seeds[0]": "1"}
+              "seed": "42", "item.seed": "3", "sweep.setting_seeds[0]": "1",
+              "sweep.setting_seeds[1]": "2", "sweep.seeds[0]": "3"}
     outs = [o for s in stages.values() for o in s.get("outs", [])
             if isinstance(o, str) and o.startswith(("models/adapters/", "reports/train/"))]
-    assert len(outs) == 16
+    assert len(outs) == 32  # 4 grouped stages x 3 seed slots x 2 outs + 2 seeds and 2 control
+    # stages x 2 outs
     for out in outs:
         name = re.sub(r"\$\{([\w.\[\]]+)\}", lambda m: values[m.group(1)], out.split("/")[-1])
         assert run_name(*parse_run_name(name)) == name
+
+
+def test_train_stage_outs_name_exactly_the_seeds_its_cmd_trains():
+    """A grouped stage trains the seeds of ``--seeds``; its outs must name each of them (an
+    adapter and a report directory per seed), no more: a seed slot added to the cmd but not to
+    the outs would leave that run outside DVC."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        m = re.search(r"--seeds (\S+)", stage["cmd"])
+        if not m:
+            continue
+        seeds = m.group(1).split(",")
+        outs = [o for o in stage["outs"] if isinstance(o, str)]
+        for kind in ("models/adapters/", "reports/train/"):
+            named = [o.rsplit("-s", 1)[1] for o in outs if o.startswith(kind)]
+            assert named == seeds, (name, kind, named, seeds)
+        checked += 1
+    assert checked == 6

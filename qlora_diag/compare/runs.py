@@ -1,15 +1,20 @@
 """The training runs a params set implies, the DVC stage that produces each, and what training
 left on disk for them.
 
-``dvc.yaml`` trains four families of runs (see its ``train_*``, ``seeds_*`` and ``modules_*``
+``dvc.yaml`` trains five families of runs (its ``train_*``, ``seeds_*``, ``modules_*``, ``control_*``
 stages); this module is the one place that lists them for a :class:`~qlora_diag.core.config.Params`:
 
-- rank sweep: LoRA and QLoRA at each rank of ``sweep.ranks``, targets ``lora.targets``, ``seed``;
-- noise floor: LoRA and QLoRA at rank ``lora.r``, targets ``lora.targets``, each ``sweep.seeds``;
-- module sweep: LoRA and QLoRA at rank ``lora.r``, seed ``seed``, each preset of
+- rank sweep: LoRA and QLoRA at each rank of ``sweep.ranks``, targets ``lora.targets``, each
+  setting seed (``seed`` and ``sweep.setting_seeds``), one stage instance per rank and method;
+- noise floor: LoRA and QLoRA at rank ``lora.r``, targets ``lora.targets``, each ``sweep.seeds``
+  (beyond the setting seeds the rank sweep trains there);
+- module sweep: LoRA and QLoRA at rank ``lora.r``, each setting seed, each preset of
   ``sweep.targets`` (``lora.targets`` itself comes from the rank sweep);
 - same-init control: LoRA and QLoRA at rank ``lora.r`` on ``lora.targets`` with the adapter init
   of ``seed`` and the batch order of the first of ``sweep.seeds`` (``control_*`` stages).
+
+The per-rank and per-preset comparisons use the ``seed`` pair; the extra setting seeds are
+trained (and checked here) for per-setting intervals.
 
 The headline pair is (``lora.r``, ``lora.targets``, ``seed``). A missing or stale run is a
 :class:`~qlora_diag.core.errors.UserError` that names the path and the stage to reproduce.
@@ -22,7 +27,7 @@ import json
 from pathlib import Path
 
 from qlora_diag.compare.adapters import CONFIG_FILE, WEIGHTS_FILE
-from qlora_diag.core.config import Params
+from qlora_diag.core.config import Params, headline_seeds, setting_seeds
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import (
     CROSS_SEED,
@@ -81,8 +86,9 @@ def control_pair(p: Params) -> Pair:
 
 
 def noise_seeds(p: Params) -> list[int]:
-    """The seeds of the runs at rank ``lora.r``: the main seed first, then ``sweep.seeds``."""
-    return [p.seed] + [s for s in p.sweep.seeds if s != p.seed]
+    """The seeds of the runs at the headline setting: the main seed first, then
+    ``sweep.setting_seeds``, then ``sweep.seeds``."""
+    return list(dict.fromkeys(headline_seeds(p)))
 
 
 def seed_runs(p: Params, method: str) -> list[RunSpec]:
@@ -125,11 +131,14 @@ def adapter_pairs(p: Params) -> list[AdapterPair]:
 
 
 def all_runs(p: Params) -> list[RunSpec]:
-    """Every run the params imply, each once (rank sweep, then seeds, then presets, then the
-    same-init control)."""
+    """Every run the params imply, each once (rank sweep, then the headline seeds, then
+    presets, each setting's seeds in a row; then the same-init control)."""
     runs: dict[str, RunSpec] = {}
-    pairs = [*rank_pairs(p).values(), *(_pair(p.lora.r, p.lora.targets, s) for s in noise_seeds(p)),
-             *preset_pairs(p).values(), control_pair(p)]
+    per_setting = setting_seeds(p)
+    pairs = [*(_pair(r, p.lora.targets, s) for r in sorted(p.sweep.ranks) for s in per_setting),
+             *(_pair(p.lora.r, p.lora.targets, s) for s in noise_seeds(p)),
+             *(_pair(p.lora.r, t, s) for t in p.sweep.targets for s in per_setting),
+             control_pair(p)]
     for pair in pairs:
         runs.setdefault(pair.lora.name, pair.lora)
         runs.setdefault(pair.qlora.name, pair.qlora)
@@ -138,16 +147,18 @@ def all_runs(p: Params) -> list[RunSpec]:
 
 def producing_stage(spec: RunSpec, p: Params) -> str:
     """The ``dvc.yaml`` stage (with its matrix key) that trains ``spec``, e.g.
-    ``train_qlora@8``, ``seeds_lora@1``, ``modules_qlora@kv``, ``control_lora``."""
+    ``train_qlora@8``, ``seeds_lora@3``, ``modules_qlora@kv``; one stage trains every setting
+    seed of its setting; ``control_lora`` / ``control_qlora`` the same-init control."""
     if spec.data_seed != spec.seed:
         if spec == getattr(control_pair(p), spec.method):
             return f"control_{spec.method}"
         raise ValueError(f"producing_stage: run {spec.name} is not implied by these params")
-    if spec.targets == p.lora.targets and spec.seed == p.seed and spec.rank in p.sweep.ranks:
+    per_setting = setting_seeds(p)
+    if spec.targets == p.lora.targets and spec.seed in per_setting and spec.rank in p.sweep.ranks:
         return f"train_{spec.method}@{spec.rank}"
     if spec.targets == p.lora.targets and spec.rank == p.lora.r and spec.seed in p.sweep.seeds:
         return f"seeds_{spec.method}@{spec.seed}"
-    if spec.rank == p.lora.r and spec.seed == p.seed and spec.targets in p.sweep.targets:
+    if spec.rank == p.lora.r and spec.seed in per_setting and spec.targets in p.sweep.targets:
         return f"modules_{spec.method}@{spec.targets}"
     raise ValueError(f"producing_stage: run {spec.name} is not implied by these params")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_diag.core.config import Params, run_name
+from qlora_diag.core.config import Params, headline_seeds, run_name
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import (
     DATA_KEYS,
@@ -188,7 +188,8 @@ def all_runs(params: Params) -> list[str]:
 def paired_evidence(examples: dict[str, list[dict]], params: Params) -> PairedEvidence:
     """:func:`~qlora_diag.report.paired.build_paired_evidence` with the params' settings."""
     return build_paired_evidence(
-        examples, seed=params.seed, sweep_seeds=params.sweep.seeds, lora_r=params.lora.r,
+        examples, seed=params.seed, sweep_seeds=params.sweep.seeds,
+        setting_seeds=params.sweep.setting_seeds, lora_r=params.lora.r,
         lora_targets=params.lora.targets, ranks=params.sweep.ranks,
         presets=params.sweep.targets, margin=params.compare.margin,
         margin_exact_match=params.compare.margin_exact_match, n_boot=params.compare.n_boot)
@@ -196,7 +197,7 @@ def paired_evidence(examples: dict[str, list[dict]], params: Params) -> PairedEv
 
 def run_sets(params: Params) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(headline run per method, every seed run per method at rank lora.r, main seed first)."""
-    seeds = [params.seed, *params.sweep.seeds]
+    seeds = headline_seeds(params)
     headline = {m: run_name(m, params.lora.r, params.lora.targets, params.seed)
                 for m in ("lora", "qlora")}
     seed_runs = {m: [run_name(m, params.lora.r, params.lora.targets, s) for s in seeds]

@@ -7,7 +7,8 @@ runs :func:`~qlora_diag.report.statistics.analyze` on every comparison the verdi
 
 * the headline (rank ``lora.r``, ``lora.targets``, every seed) for eval loss and exact match,
   overall and per task family;
-* the gap per rank (H3) and per target preset (H2): one seed where the sweep trains one, so the
+* the gap per rank (H3) and per target preset (H2): over the setting seeds (``seed`` and
+  ``sweep.setting_seeds``); with one seed there, the
   interval is over eval examples only and omits seed noise (the decision says so: ``over``);
 * preset contrasts (H2): the gap of a preset minus the gap of ``lora.targets``, paired per eval
   example of the same seed;
@@ -195,12 +196,14 @@ def _seed_row(seed: int, loss: st.SeedRecords, em: st.SeedRecords | None) -> dic
 def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
                           sweep_seeds: Sequence[int], lora_r: int, lora_targets: str,
                           ranks: Sequence[int], presets: Sequence[str], margin: float,
-                          margin_exact_match: float, n_boot: int) -> PairedEvidence:
-    """All comparisons from ``examples`` (run name -> its examples.jsonl rows). Seeds: the
-    headline pair (``lora.r``, ``lora.targets``) at ``[seed, *sweep_seeds]``; the other ranks
-    and presets at ``seed`` only, as dvc.yaml trains them. The bootstrap's random stream is
-    seeded with ``seed`` so a rerun gives the same intervals."""
-    seeds = [seed, *sweep_seeds]
+                          margin_exact_match: float, n_boot: int,
+                          setting_seeds: Sequence[int] = ()) -> PairedEvidence:
+    """All comparisons from ``examples`` (run name -> its examples.jsonl rows). Seeds, as
+    dvc.yaml trains them: every rank and preset at ``[seed, *setting_seeds]``; the headline
+    pair (``lora.r``, ``lora.targets``) at those and ``sweep_seeds``. The bootstrap's random
+    stream is seeded with ``seed`` so a rerun gives the same intervals."""
+    per_setting = list(dict.fromkeys([seed, *setting_seeds]))
+    seeds = list(dict.fromkeys([*per_setting, *sweep_seeds]))
 
     def records(rank: int, targets: str, s: int, quantity: str) -> st.SeedRecords | None:
         names = [run_name(m, rank, targets, s) for m in ("lora", "qlora")]
@@ -238,7 +241,8 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
 
     per_rank, trend_x, trend_y = {}, [], []
     for r in sorted(ranks):
-        recs = loss_recs if r == lora_r else [records(r, lora_targets, seed, "eval_loss")]
+        recs = loss_recs if r == lora_r else [records(r, lora_targets, s, "eval_loss")
+                                              for s in per_setting]
         per_rank[r] = Comparison(f"r={r}", f"QLoRA − LoRA at r={r} on {lora_targets}",
                                  analyze(recs, "eval_loss"))
         trend_x += [r] * len(recs)
@@ -248,9 +252,11 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
         trend = st.trend_test(trend_x, trend_y, level=st.DIFFERENCE_LEVEL, n_perm=N_PERM,
                               rng_seed=seed)
 
-    # H2 at the main seed: the lora.targets preset uses all its seeds for its own gap, but its
-    # contrasts pair it with the other presets' single seed.
-    base_main = records(lora_r, lora_targets, seed, "eval_loss")
+    # H2: the lora.targets preset uses all its seeds for its own gap; its contrasts with the
+    # other presets pair them seed by seed over the setting seeds every preset has.
+    base = {s: records(lora_r, lora_targets, s, "eval_loss") for s in per_setting}
+    which = (f"seed{'s' if len(per_setting) > 1 else ''} "
+             f"{', '.join(map(str, per_setting))}")
     per_preset = {lora_targets: per_rank.get(lora_r) or Comparison(
         lora_targets, f"QLoRA − LoRA at r={lora_r} on {lora_targets}",
         analyze(loss_recs, "eval_loss"))}
@@ -258,13 +264,14 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
     for t in presets:
         if t == lora_targets:
             continue
-        rec = records(lora_r, t, seed, "eval_loss")
-        per_preset[t] = Comparison(t, f"QLoRA − LoRA at r={lora_r} on {t}, seed {seed}",
-                                   analyze([rec], "eval_loss"))
+        recs = [records(lora_r, t, s, "eval_loss") for s in per_setting]
+        per_preset[t] = Comparison(t, f"QLoRA − LoRA at r={lora_r} on {t}, {which}",
+                                   analyze(recs, "eval_loss"))
         contrasts[t] = Comparison(
             f"{t} − {lora_targets}",
-            f"gap on {t} minus gap on {lora_targets}, paired per eval example of seed {seed}",
-            analyze([contrast_records(rec, base_main)], "eval_loss"))
+            f"gap on {t} minus gap on {lora_targets}, paired per eval example of the same "
+            f"seed, {which}",
+            analyze([contrast_records(rec, base[rec.seed]) for rec in recs], "eval_loss"))
     return PairedEvidence(margin, margin_exact_match, headline_loss, headline_em,
                           families_em or {}, per_rank, per_preset, contrasts, trend, seed_table,
                           lora_targets, lora_r)

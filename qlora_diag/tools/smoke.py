@@ -13,12 +13,14 @@ from qlora_diag.tools.scratch import dvc, make_scratch_project
 REPO = Path(__file__).resolve().parents[2]
 
 # Small enough for minutes on a laptop CPU, large enough that every stage has real work: two
-# ranks, one extra seed and one extra preset give every table of the report at least a row.
+# ranks, three seeds per setting, one more at the headline and one extra preset give every table
+# of the report at least a row.
 SMOKE_PARAMS = {
     "data.n_train": 24, "data.n_eval": 8, "data.max_length": 96,
     "lora.r": 4, "train.max_steps": 3, "train.batch_size": 4, "train.warmup_steps": 0,
     "train.eval_every": 3, "train.save_every": 3,
-    "sweep.ranks": [2, 4], "sweep.seeds": [1], "sweep.targets": ["kv"],
+    "sweep.ranks": [2, 4], "sweep.seeds": [3], "sweep.setting_seeds": [1, 2],
+    "sweep.targets": ["kv"],
     "compare.n_generate": 8, "compare.max_new_tokens": 8, "compare.gen_batch_size": 8,
     "compare.subspace_k": 1,
 }

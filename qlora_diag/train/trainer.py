@@ -199,28 +199,74 @@ def build_trainer(model, args, records: list[dict], *, pad_id: int, order: list[
     return trainer
 
 
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """What every run of one process reads alike: the tokenizer and the data splits."""
+
+    tokenizer: object
+    train_records: list
+    eval_records: list
+    gen_records: list
+    train_digest: str
+
+
+def load_run_inputs(*, base_dir: Path, data_dir: Path, gen: GenerationCfg) -> RunInputs:
+    tokenizer = load_tokenizer(base_dir)
+    eval_records = load_split(data_dir / "eval.jsonl")
+    return RunInputs(
+        tokenizer=tokenizer, train_records=load_split(data_dir / "train.jsonl"),
+        eval_records=eval_records,
+        gen_records=generation_examples(eval_records, gen.n_generate, key="compare.n_generate",
+                                        path=data_dir / "eval.jsonl"),
+        train_digest=file_digest(data_dir / "train.jsonl"))
+
+
+def run_fingerprint(spec: RunSpec, lora: LoraCfg, train: TrainCfg, inputs: RunInputs,
+                    trained_on: Path) -> str:
+    """Everything a run's training depends on: a checkpoint under another fingerprint is stale."""
+    return fingerprint(dataclasses.asdict(spec), dataclasses.asdict(lora),
+                       dataclasses.asdict(train), inputs.train_digest, dir_digest(trained_on))
+
+
 def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: Path,
                   base_dtype: str, compute_dtype: str, lora: LoraCfg, train: TrainCfg,
                   gen: GenerationCfg, adapter_out: Path, report_dir: Path,
                   checkpoint_root: Path) -> dict:
     """Train one adapter, evaluate it, and write the adapter and its report directory.
 
-    Returns the run's metrics (also written to ``report_dir/run.json``).
+    Returns the run's metrics (also written to ``report_dir/run.json``). Several runs over one
+    loaded base: :mod:`qlora_diag.train.multi_run`.
     """
-    from dvclive import Live
-
     t_start = time.perf_counter()
     device = choose_device()
-    optim = choose_optimizer(train.optimizer, device.type)
-    tokenizer = load_tokenizer(base_dir)
-    train_records = load_split(data_dir / "train.jsonl")
-    eval_records = load_split(data_dir / "eval.jsonl")
-    gen_records = generation_examples(eval_records, gen.n_generate, key="compare.n_generate",
-                                      path=data_dir / "eval.jsonl")
-    trained_on = quant_dir if spec.method == "qlora" else base_dir
+    inputs = load_run_inputs(base_dir=base_dir, data_dir=data_dir, gen=gen)
     model = load_training_base(spec.method, base_dir=base_dir, quant_dir=quant_dir,
                                base_dtype=base_dtype, compute_dtype=compute_dtype,
                                kbit_prep=train.kbit_prep, device=device)
+    trained_on = quant_dir if spec.method == "qlora" else base_dir
+    metrics, _ = train_on_base(spec, model, inputs, trained_on=trained_on, device=device,
+                               base_dtype=base_dtype, compute_dtype=compute_dtype, lora=lora,
+                               train=train, gen=gen, adapter_out=adapter_out,
+                               report_dir=report_dir, checkpoint_root=checkpoint_root,
+                               t_start=t_start)
+    shutil.rmtree(checkpoint_root / spec.name, ignore_errors=True)
+    return metrics
+
+
+def train_on_base(spec: RunSpec, model, inputs: RunInputs, *, trained_on: Path,
+                  device: torch.device, base_dtype: str, compute_dtype: str, lora: LoraCfg,
+                  train: TrainCfg, gen: GenerationCfg, adapter_out: Path, report_dir: Path,
+                  checkpoint_root: Path, t_start: float):
+    """Attach a fresh adapter to the loaded ``model`` (the base from ``trained_on``), train,
+    evaluate and write it; resumes from ``checkpoint_root/<run>`` and leaves that directory for
+    the caller to remove. Returns (metrics, the PEFT model); ``peft_model.unload()`` gives the
+    base back without the adapter."""
+    from dvclive import Live
+
+    optim = choose_optimizer(train.optimizer, device.type)
+    tokenizer = inputs.tokenizer
+    train_records, eval_records, gen_records = (inputs.train_records, inputs.eval_records,
+                                                inputs.gen_records)
     model = attach_lora(model, rank=spec.rank, alpha=lora.alpha, dropout=lora.dropout,
                         targets=spec.targets, seed=spec.seed)
     set_gradient_checkpointing(model, train.gradient_checkpointing)
@@ -229,9 +275,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
                            train.max_steps, spec.data_seed, train.group_by_length)
 
     ckpt_dir = checkpoint_root / spec.name
-    resume = open_checkpoint_dir(ckpt_dir, fingerprint(
-        dataclasses.asdict(spec), dataclasses.asdict(lora), dataclasses.asdict(train),
-        file_digest(data_dir / "train.jsonl"), dir_digest(trained_on)))
+    resume = open_checkpoint_dir(ckpt_dir, run_fingerprint(spec, lora, train, inputs, trained_on))
     live_dir = ckpt_dir / "live"
     if resume is not None:
         step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
@@ -299,8 +343,7 @@ def train_adapter(spec: RunSpec, *, base_dir: Path, quant_dir: Path, data_dir: P
     write_adapter(model, adapter_out, base_model_reference(trained_on))
     write_run_report(report_dir, live_dir, metrics, rows,
                      example_rows(eval_records, final.nll_sums, final.n_tokens_per, rows))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return metrics
+    return metrics, model
 
 
 def run_summary(m: dict) -> str:

@@ -19,6 +19,7 @@ from qlora_diag.core.config.choices import (
     PRESETS,
     QUANT_TYPES,
     SCHEDULERS,
+    SETTING_SEED_SLOTS,
     SMOLLM2,
     SMOLLM2_GGUF,
     SMOLLM2_WHEEL,
@@ -35,13 +36,16 @@ from qlora_diag.core.config.params import (
     QuantCfg,
     SweepCfg,
     TrainCfg,
+    headline_seeds,
+    setting_seeds,
 )
 from qlora_diag.core.config.relations import require_eval_examples
 from qlora_diag.core.run_names import run_name
 
 __all__ = [
     "DTYPES", "EMBEDDED_DATA", "EMBEDDED_MODELS", "MAX_SEED", "OPTIMIZERS", "PRESETS",
-    "QUANT_TYPES", "SCHEDULERS", "SMOLLM2", "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "TINY_LLAMA",
-    "BaseCfg", "BenchCfg", "CompareCfg", "DataCfg", "LoraCfg", "Params", "QuantCfg", "SweepCfg",
-    "TrainCfg", "load_params", "params_from_dict", "require_eval_examples", "run_name",
+    "QUANT_TYPES", "SCHEDULERS", "SETTING_SEED_SLOTS", "SMOLLM2", "SMOLLM2_GGUF", "SMOLLM2_WHEEL",
+    "TINY_LLAMA", "BaseCfg", "BenchCfg", "CompareCfg", "DataCfg", "LoraCfg", "Params", "QuantCfg",
+    "SweepCfg", "TrainCfg", "headline_seeds", "load_params", "params_from_dict",
+    "require_eval_examples", "run_name", "setting_seeds",
 ]

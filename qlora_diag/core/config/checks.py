@@ -114,6 +114,10 @@ def not_empty(what: str) -> Check:
     return lambda v: None if v else f"is empty; {what}"
 
 
+def exactly(n: int, why: str) -> Check:
+    return lambda v: None if len(v) == n else f"lists {len(v)} value(s), must list exactly {n}: {why}"
+
+
 def no_duplicates(v: list) -> str | None:
     dup = sorted({x for x in v if v.count(x) > 1}, key=v.index)
     return f"has duplicates ({', '.join(map(show, dup))}); list each once" if dup else None

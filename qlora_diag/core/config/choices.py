@@ -20,6 +20,9 @@ TINY_LLAMA = "embedded:tiny-llama"
 EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 # transformers.set_seed seeds numpy's RandomState, which accepts 0 .. 2**32 - 1 only.
 MAX_SEED = 2**32 - 1
+# Extra seeds per setting (sweep.setting_seeds): dvc.yaml's train_* and modules_* stages train
+# ${seed} and these in one process and name one output per slot, so their number is fixed here.
+SETTING_SEED_SLOTS = 2
 # Single module names of the presets' architectures; a lone name shaped like these is a module
 # name, not a misspelt preset.
 MODULE_SUFFIXES = ("_proj", "_attn", "_fc")

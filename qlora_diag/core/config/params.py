@@ -15,6 +15,7 @@ from qlora_diag.core.config.checks import (
     checked,
     data_source_problem,
     each,
+    exactly,
     no_duplicates,
     non_negative,
     not_empty,
@@ -25,7 +26,13 @@ from qlora_diag.core.config.checks import (
     seed_range,
     targets_problem,
 )
-from qlora_diag.core.config.choices import DTYPES, OPTIMIZERS, QUANT_TYPES, SCHEDULERS
+from qlora_diag.core.config.choices import (
+    DTYPES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+    SCHEDULERS,
+    SETTING_SEED_SLOTS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +140,17 @@ class SweepCfg:
     """Rank-threshold sweep: LoRA and QLoRA at each rank, targets ``lora.targets``."""
     seeds: list[int] = checked(not_empty("the noise floor needs at least one extra seed, e.g. [1]"),
                                no_duplicates, each(seed_range))
-    """Extra seeds of LoRA and QLoRA at rank ``lora.r``: the noise floor (not the main seed).
-    The first is also the data-order seed of the same-init control runs (``control_*``)."""
+    """Extra seeds of LoRA and QLoRA at the headline setting (rank ``lora.r``, ``lora.targets``)
+    beyond ``seed`` and ``setting_seeds``: with them, the noise floor and the headline interval's
+    paired seeds. The first is also the data-order seed of the same-init control runs
+    (``control_*``)."""
+    setting_seeds: list[int] = checked(exactly(SETTING_SEED_SLOTS, "dvc.yaml's train_*/modules_* "
+                                               "stages name one output per seed slot; to change the count, "
+                                               "edit their cmd and outs and SETTING_SEED_SLOTS"),
+                                       no_duplicates, each(seed_range))
+    """Extra seeds of every setting (each rank of ``ranks``, each preset of ``targets``, and
+    the headline), trained with ``seed`` in one process per setting; exactly
+    ``SETTING_SEED_SLOTS`` of them (dvc.yaml names their outputs slot by slot)."""
     targets: list[str] = checked(no_duplicates, each(preset_problem))
     """Module-sensitivity sweep at rank ``lora.r``: presets other than ``lora.targets``."""
 
@@ -182,6 +198,9 @@ class BenchCfg:
     """LoRA rank in the benchmark."""
     gen_examples: int = checked(positive)
     """Eval examples of the batched vs one-at-a-time generation benchmark."""
+    paired_seeds: int = checked(positive)
+    """Paired seeds (the first of the headline seeds) timed both ways, one run per process and
+    all seeds of a method in one process, at the headline setting with the run's recipe."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,3 +217,14 @@ class Params:
     sweep: SweepCfg = checked()
     compare: CompareCfg = checked()
     bench: BenchCfg = checked()
+
+
+def setting_seeds(p: Params) -> list[int]:
+    """The paired seeds of every setting of the sweeps: ``seed``, then ``sweep.setting_seeds``."""
+    return [p.seed, *p.sweep.setting_seeds]
+
+
+def headline_seeds(p: Params) -> list[int]:
+    """The paired seeds of the headline setting (rank ``lora.r``, ``lora.targets``): the
+    setting seeds, then ``sweep.seeds``."""
+    return [*setting_seeds(p), *p.sweep.seeds]

@@ -55,6 +55,22 @@ def seed_not_in_seeds(seed, seeds):
                 "extra seeds of the noise-floor runs")
 
 
+@relation("seed", "sweep.setting_seeds")
+def seed_not_in_setting_seeds(seed, setting_seeds):
+    if seed in setting_seeds:
+        return (f"sweep.setting_seeds {show(setting_seeds)} contains the main seed {show(seed)}: "
+                "list only the extra seeds of every setting")
+
+
+@relation("sweep.setting_seeds", "sweep.seeds")
+def setting_seeds_apart(setting_seeds, seeds):
+    both = [s for s in seeds if s in setting_seeds]
+    if both:
+        return (f"sweep.seeds {show(seeds)} and sweep.setting_seeds {show(setting_seeds)} share "
+                f"{show(both)}: the headline setting trains the setting seeds already; list only "
+                "the seeds beyond them in sweep.seeds")
+
+
 @relation("lora.targets", "sweep.targets")
 def targets_not_in_sweep(targets, sweep_targets):
     if targets in sweep_targets:

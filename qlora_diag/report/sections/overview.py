@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from qlora_diag.core import numbers as fmt
-from qlora_diag.core.config import SMOLLM2, SMOLLM2_GGUF, Params
+from qlora_diag.core.config import SMOLLM2, SMOLLM2_GGUF, Params, headline_seeds
 from qlora_diag.report.inputs import ReportInputs
 from qlora_diag.report.tables import md_table
 from qlora_diag.report.verdicts import Diagnosis
@@ -97,7 +97,7 @@ def section_setup(inp: ReportInputs, p: Params) -> str:
            "draws one mask per distinct prefix)." if p.train.share_prefix else ""))
     lines.append(
         f"- **Runs**: rank sweep {_list(p.sweep.ranks)} on `{p.lora.targets}` (seed {p.seed}); "
-        f"noise floor: seeds {_list([p.seed, *p.sweep.seeds])} at rank {p.lora.r}; module "
+        f"noise floor: seeds {_list(headline_seeds(p))} at rank {p.lora.r}; module "
         f"sweep {_list(p.sweep.targets)} at rank {p.lora.r}; H1 threshold θ = "
         f"{p.compare.cos_threshold:.2f}; subspace similarity over the top "
         f"{p.compare.subspace_k} singular directions.")
@@ -160,8 +160,9 @@ def section_caveats(inp: ReportInputs, p: Params) -> str:
         f"{inp.setup['threads']} threads); timings and memory are this machine's and vary "
         "between runs by a few percent.",
         f"- {inp.n_seeds} paired seed(s) at rank {p.lora.r} on `{p.lora.targets}`; every other "
-        "rank and preset is one run per method, so its interval is over eval examples only and "
-        "omits seed noise (it is narrower than one over seeds would be).",
+        f"rank and preset has {1 + len(p.sweep.setting_seeds)} (seed and sweep.setting_seeds), "
+        "so its interval is wider; with one seed an interval is over eval examples only and "
+        "omits seed noise.",
         f"- Short training: {p.train.max_steps} steps of {p.train.batch_size} examples. Weight "
         "similarities between independently trained adapters grow with longer training; the "
         "noise floor here belongs to this training length.",

@@ -14,6 +14,7 @@ from qlora_diag.tools.bench.generation import bench_generation
 from qlora_diag.tools.bench.matmul import MATMUL_SHAPE, machine_facts
 from qlora_diag.tools.bench.measures import GOALS, TRAIN_RATIO_AIM, goal_status
 from qlora_diag.tools.bench.memory import memory_in_subprocess
+from qlora_diag.tools.bench.paired import bench_paired_seeds
 from qlora_diag.tools.bench.repro import time_noop_repro
 from qlora_diag.tools.bench.training import TrainSetup, bench_training
 from qlora_diag.train.trainer import METHODS, GenerationCfg
@@ -36,16 +37,35 @@ def check_inputs(base_dir: Path, quant_dir: Path, data_dir: Path) -> None:
 def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: str,
               compute_dtype: str, lora: LoraCfg, train: TrainCfg, bench: BenchCfg,
               gen_max_new_tokens: int, gen_batch_size: int, seed: int, repo_dir: Path,
-              out_path: Path, log=print) -> dict:
+              out_path: Path, paired_seeds: list[int], params_file: Path, threads: int,
+              paired_only: bool = False, log=print) -> dict:
     """Run every measurement, write ``out_path`` (JSON, atomically) and return it.
 
     The rank is ``bench.rank``, the batch ``bench.batch_size`` and each path trains
     ``bench.warmup_steps + bench.steps`` steps; everything else of the training path (lr,
     scheduler, clipping, optimizer, targets, dropout, length grouping) is the run's ``lora`` and
     ``train``. Generation uses ``bench.gen_examples`` eval prompts and the run's decoding knobs.
+    Paired seeds per minute (:mod:`.paired`) time whole ``stages/train.py`` processes at the
+    headline setting (``lora``, ``train`` and ``params_file`` as they are) for ``paired_seeds``.
+    ``paired_only``: only that measurement, merged into an existing ``out_path`` (its machine is
+    in ``paired_seeds_config``, the other numbers keep theirs in ``machine``).
     """
     t_start = time.perf_counter()
     check_inputs(base_dir, quant_dir, data_dir)
+    log(f"bench: paired seeds per minute, {len(paired_seeds)} seeds, both ways", flush=True)
+    paired = bench_paired_seeds(base_dir=base_dir, quant_dir=quant_dir,
+                                data_dir=data_dir, params_file=params_file, rank=lora.r,
+                                targets=lora.targets, seeds=paired_seeds, threads=threads,
+                                log=log)
+    if paired_only:
+        import json
+
+        result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        result.update(paired)
+        result["goals"] = {**result.get("goals", {}), "paired_seeds_speedup": goal_status(
+            paired["paired_seeds_speedup"], *GOALS["paired_seeds_speedup"])}
+        write_json(out_path, result)
+        return result
     device = choose_device()
     load_start = load_average()
     setup = TrainSetup(
@@ -82,6 +102,7 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
         "generation_speedup": generation["speedup"],
         "generation_outputs_identical": generation["outputs_identical"],
         "noop_repro_s": noop["noop_repro_s"],
+        **paired,
         **{f"train_roofline_fraction_{m}": training[m]["roofline_fraction_project"]
            for m in METHODS},
         **{f"train_roofline_fraction_{m}_reference": training[m]["roofline_fraction_reference"]
@@ -164,3 +185,16 @@ def format_table(result: dict) -> str:
     lines.append("goals: " + "; ".join(f"{k} {num(v['measured'])} {v['goal']}: {verdict[v['met']]}"
                                        for k, v in result["goals"].items()))
     return "\n".join(lines)
+
+
+def paired_line(result: dict) -> str:
+    """The paired-seeds-per-minute line of the stdout summary."""
+    w, cfg = result["paired_seeds_wall_s"], result["paired_seeds_config"]
+    return (f"paired seeds on {cfg['cpu_model']} ({cfg['cpu_cores']} cores; "
+            f"{len(cfg['seeds'])} seeds, rank {cfg['rank']}, {cfg['targets']}, "
+            f"{cfg['threads_per_process']} thread(s) per process): one run per process "
+            f"{w['one_run_per_process']:.0f} s, seeds per process {w['seeds_per_process']:.0f} s "
+            f"-> {result['paired_seeds_per_minute']:.2f} paired seeds/min "
+            f"({result['paired_seeds_per_cpu_minute']:.2f} per CPU-minute), speedup "
+            f"x{result['paired_seeds_speedup']:.2f}; load avg {cfg['loadavg_start']} -> "
+            f"{cfg['loadavg_end']}")

@@ -1,0 +1,131 @@
+"""Several runs over one loaded base (qlora_diag.train.multi_run) give each run's adapter alone."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_diag.core.config import LoraCfg, TrainCfg
+from qlora_diag.train.multi_run import FINISHED_SUFFIX, train_group
+from qlora_diag.train.trainer import GenerationCfg, RunSpec, train_adapter
+
+# dropout > 0: the runs' dropout masks must come from their own seeds too
+LORA = LoraCfg(r=4, alpha=8.0, dropout=0.1, targets="qv")
+TRAIN = TrainCfg(max_steps=4, batch_size=4, lr=1e-3, lr_scheduler="linear", warmup_steps=1,
+                 weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
+                 share_prefix=True, kbit_prep=False, eval_every=2, save_every=2, threads=1)
+GEN = GenerationCfg(n_generate=4, max_new_tokens=4, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def fp32_pipeline(tmp_path_factory, tiny_base_dir):
+    """Prepared tiny data and the tiny model quantized with an fp32 compute dtype."""
+    from qlora_diag.data.splits import prepare_dataset
+    from qlora_diag.models.loading import load_tokenizer
+    from qlora_diag.models.quantization.save import quantize_and_save
+
+    root = tmp_path_factory.mktemp("multi")
+    prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,
+                    tokenizer=load_tokenizer(tiny_base_dir), out_dir=root / "data")
+    quantize_and_save(tiny_base_dir, root / "quantized", quant_type="nf4", double_quant=True,
+                      compute_dtype="float32")
+    return root
+
+
+def _common(tiny_base_dir, root):
+    return dict(base_dir=tiny_base_dir, quant_dir=root / "quantized", data_dir=root / "data",
+                base_dtype="float32", compute_dtype="float32", lora=LORA, train=TRAIN, gen=GEN)
+
+
+def _assert_same_adapter(a, b):
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        scale = wa[key].abs().max().clamp_min(1e-12)
+        assert (wa[key] - wb[key]).abs().max() / scale <= 1e-5, key
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_group_gives_each_runs_adapter_alone(fp32_pipeline, tiny_base_dir, tmp_path, method):
+    specs = [RunSpec(method, 4, "qv", s) for s in (3, 7, 11)]
+    kw = _common(tiny_base_dir, fp32_pipeline)
+    group = train_group(specs, **kw, adapters_root=tmp_path / "g/adapters",
+                        reports_root=tmp_path / "g/reports", checkpoint_root=tmp_path / "g/ckpt")
+    assert [m["run"] for m in group] == [s.name for s in specs]
+    for spec, m in zip(specs[1:], group[1:]):  # the 2nd and 3rd ran on a base used before
+        alone = train_adapter(spec, **kw, adapter_out=tmp_path / "a" / spec.name,
+                              report_dir=tmp_path / "ar" / spec.name,
+                              checkpoint_root=tmp_path / "a/ckpt")
+        _assert_same_adapter(tmp_path / "g/adapters" / spec.name, tmp_path / "a" / spec.name)
+        assert abs(alone["eval_loss"] - m["eval_loss"]) <= 1e-5 * abs(alone["eval_loss"])
+        assert (tmp_path / "g/reports" / spec.name / "generations.jsonl").read_text() == \
+            (tmp_path / "ar" / spec.name / "generations.jsonl").read_text()
+    # seeds differ, so do the adapters (the test above could not pass by training nothing)
+    w3 = load_file(tmp_path / "g/adapters" / specs[0].name / "adapter_model.safetensors")
+    w7 = load_file(tmp_path / "g/adapters" / specs[1].name / "adapter_model.safetensors")
+    assert any(not torch.equal(w3[k], w7[k]) for k in w3)
+    assert not list((tmp_path / "g/ckpt").iterdir()), "checkpoints and finished copies removed"
+
+
+def test_group_refuses_mixed_methods():
+    with pytest.raises(ValueError, match="one method"):
+        train_group([RunSpec("lora", 4, "qv", 1), RunSpec("qlora", 4, "qv", 1)],
+                    base_dir=None, quant_dir=None, data_dir=None, base_dtype="float32",
+                    compute_dtype="float32", lora=LORA, train=TRAIN, gen=GEN,
+                    adapters_root=None, reports_root=None, checkpoint_root=None)
+
+
+@pytest.mark.slow
+def test_killed_group_keeps_finished_runs_and_resumes(fp32_pipeline, tiny_base_dir, tmp_path):
+    """A kill during the 2nd run of a group (after its step-2 checkpoint), with the outputs
+    deleted as DVC does before rerunning a stage: the rerun restores the 1st run without
+    training it, resumes the 2nd from step 2, and every adapter equals an uninterrupted group's."""
+    specs = [RunSpec("lora", 4, "qv", s) for s in (3, 7)]
+    kw = _common(tiny_base_dir, fp32_pipeline)
+    train_group(specs, **kw, adapters_root=tmp_path / "ref/adapters",
+                reports_root=tmp_path / "ref/reports", checkpoint_root=tmp_path / "ref/ckpt")
+    out = tmp_path / "int"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import transformers
+        from qlora_diag.core.config import LoraCfg, TrainCfg
+        from qlora_diag.train.multi_run import train_group
+        from qlora_diag.train.trainer import GenerationCfg, RunSpec
+        orig = transformers.Trainer._save_checkpoint
+        calls = []
+        def save_then_die(self, *a, **k):
+            orig(self, *a, **k)
+            calls.append(self.state.global_step)
+            if len(calls) == 3:  # run 1 saved at steps 2 and 4; run 2 at step 2
+                os.kill(os.getpid(), signal.SIGKILL)
+        transformers.Trainer._save_checkpoint = save_then_die
+        train_group({specs!r}, base_dir=Path({str(tiny_base_dir)!r}),
+            quant_dir=Path({str(fp32_pipeline / 'quantized')!r}),
+            data_dir=Path({str(fp32_pipeline / 'data')!r}), base_dtype="float32",
+            compute_dtype="float32", lora={LORA!r}, train={TRAIN!r}, gen={GEN!r},
+            adapters_root=Path({str(out / 'adapters')!r}),
+            reports_root=Path({str(out / 'reports')!r}), checkpoint_root=Path({str(out / 'ckpt')!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / "ckpt" / f"{specs[0].name}{FINISHED_SUFFIX}").is_dir()
+    assert (out / "ckpt" / specs[1].name / "checkpoint-2").is_dir()
+    import shutil
+    shutil.rmtree(out / "adapters")  # what DVC does to a stage's outputs before rerunning it
+    shutil.rmtree(out / "reports")
+    trained = train_group(specs, **kw, adapters_root=out / "adapters",
+                          reports_root=out / "reports", checkpoint_root=out / "ckpt")
+    assert [m["run"] for m in trained] == [specs[1].name], "the finished run is not retrained"
+    assert trained[0]["resumed_from_step"] == 2
+    for spec in specs:
+        _assert_same_adapter(out / "adapters" / spec.name, tmp_path / "ref/adapters" / spec.name)
+        assert (out / "reports" / spec.name / "run.json").is_file()
+    assert not list((out / "ckpt").iterdir())
