@@ -222,10 +222,11 @@ def test_floor_pairs_are_exactly_the_expected_ones():
 
 def test_setting_seeds_are_trained_by_their_settings_stage():
     """Each setting trains seed and sweep.setting_seeds in one stage; the headline setting adds
-    sweep.seeds in their own stages: 2 ranks x 3 + 2 + 1 preset x 3 = 11 runs per method."""
+    sweep.seeds in their own stages: 2 ranks x 3 + 2 + 1 preset x 3 = 11 runs per method, and
+    the same-init control's one."""
     p = tiny_params(setting_seeds=[5, 6], seeds=[1, 7])
     specs = runs.all_runs(p)
-    assert len(specs) == len({s.name for s in specs}) == 22
+    assert len(specs) == len({s.name for s in specs}) == 24
     assert runs.noise_seeds(p) == [42, 5, 6, 1, 7]
     assert runs.producing_stage(RunSpec("lora", 2, "qv", 6), p) == "train_lora@2"
     assert runs.producing_stage(RunSpec("qlora", 4, "qv", 5), p) == "train_qlora@4"
@@ -236,7 +237,8 @@ def test_setting_seeds_are_trained_by_their_settings_stage():
     from qlora_diag.distribute import training_stages
     assert training_stages(p) == ["train_lora@2", "train_qlora@2", "train_lora@4", "train_qlora@4",
                                   "seeds_lora@1", "seeds_qlora@1", "seeds_lora@7",
-                                  "seeds_qlora@7", "modules_lora@kv", "modules_qlora@kv"]
+                                  "seeds_qlora@7", "modules_lora@kv", "modules_qlora@kv",
+                                  "control_lora", "control_qlora"]
 
 
 # ---------------------------------------------------------------------------------------------

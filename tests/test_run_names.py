@@ -95,9 +95,11 @@ def test_train_stage_outs_name_exactly_the_seeds_its_cmd_trains():
         if not m:
             continue
         seeds = m.group(1).split(",")
+        d = re.search(r"--data-seed (\S+)", stage["cmd"])  # the control: -d<data seed> in names
+        seeds = [f"{s}-d{d.group(1)}" for s in seeds] if d else seeds
         outs = [o for o in stage["outs"] if isinstance(o, str)]
         for kind in ("models/adapters/", "reports/train/"):
             named = [o.rsplit("-s", 1)[1] for o in outs if o.startswith(kind)]
             assert named == seeds, (name, kind, named, seeds)
         checked += 1
-    assert checked == 6
+    assert checked == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_diag.core.config import Params, headline_seeds, run_name
+from qlora_diag.core.config import Params, headline_seeds, run_name, setting_seeds
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.schemas import (
     DATA_KEYS,
@@ -176,12 +176,13 @@ def _read_headline_numbers(reports: Path) -> dict:
 
 
 def all_runs(params: Params) -> list[str]:
-    """Every run the paired comparisons read: the seed runs at lora.r, the rank sweep and the
-    preset sweep (main seed), as dvc.yaml trains them."""
-    seeds = [params.seed, *params.sweep.seeds]
-    cells = ({(params.lora.r, params.lora.targets, s) for s in seeds}
-             | {(r, params.lora.targets, params.seed) for r in params.sweep.ranks}
-             | {(params.lora.r, t, params.seed) for t in params.sweep.targets})
+    """Every run the paired comparisons read, as dvc.yaml trains them: the headline seeds at
+    lora.r on lora.targets, and every rank and preset at the setting seeds (seed and
+    sweep.setting_seeds). The same-init control runs are not paired comparisons."""
+    per_setting = setting_seeds(params)
+    cells = ({(params.lora.r, params.lora.targets, s) for s in headline_seeds(params)}
+             | {(r, params.lora.targets, s) for r in params.sweep.ranks for s in per_setting}
+             | {(params.lora.r, t, s) for t in params.sweep.targets for s in per_setting})
     return [run_name(m, r, t, s) for r, t, s in sorted(cells) for m in ("lora", "qlora")]
 
 
