@@ -19,7 +19,8 @@ from qlora_diag.train.trainer import GenerationCfg, RunSpec, train_adapter
 LORA = LoraCfg(r=4, alpha=8.0, dropout=0.1, targets="qv")
 TRAIN = TrainCfg(max_steps=4, batch_size=4, lr=1e-3, lr_scheduler="linear", warmup_steps=1,
                  weight_decay=0.0, max_grad_norm=1.0, optimizer="auto", group_by_length=True,
-                 share_prefix=True, kbit_prep=False, eval_every=2, save_every=2, threads=1)
+                 share_prefix=True, kbit_prep=False, gradient_checkpointing=False, eval_every=2,
+                 save_every=2, threads=1)
 GEN = GenerationCfg(n_generate=4, max_new_tokens=4, batch_size=4)
 
 
