@@ -117,6 +117,12 @@ def tiny_pipeline(tmp_path_factory, tiny_base_dir):
                     tokenizer=load_tokenizer(tiny_base_dir), out_dir=root / "data")
     quantize_and_save(tiny_base_dir, root / "quantized", quant_type="nf4", double_quant=True,
                       compute_dtype="float32")
+    # what prepare writes beside the prepared data: compare.max_new_tokens resolved, as the
+    # timed train.py processes read it (tiny_params_file's setting, 4)
+    from qlora_diag.data.resolved import write_resolved
+
+    write_resolved(root / "resolved.json", {"setting": 4, "value": 4, "train_response_p95": 4,
+                                            "rule": "fixture"})
     return root
 
 

@@ -36,6 +36,10 @@ def _scratch(base_dir: Path, quant_dir: Path, data_dir: Path,
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / rel).symlink_to(Path(src).resolve(), target_is_directory=True)
     shutil.copy2(params_file, work / "params.yaml")
+    # compare.max_new_tokens as prepare resolved it, beside the prepared data (data/resolved.json)
+    resolved = Path(data_dir).parent / "resolved.json"
+    if resolved.exists():
+        shutil.copy2(resolved, work / "data" / "resolved.json")
     return work
 
 
