@@ -130,3 +130,21 @@ def test_killed_group_keeps_finished_runs_and_resumes(fp32_pipeline, tiny_base_d
         _assert_same_adapter(out / "adapters" / spec.name, tmp_path / "ref/adapters" / spec.name)
         assert (out / "reports" / spec.name / "run.json").is_file()
     assert not list((out / "ckpt").iterdir())
+
+
+def test_a_finished_copy_is_restored_only_under_its_fingerprint(tmp_path):
+    """Other params or data (another fingerprint): the copy is deleted, the run trains again."""
+    from qlora_diag.train.multi_run import _restore, _stash
+
+    adapter, report = tmp_path / "out/adapter", tmp_path / "out/report"
+    for d, text in ((adapter, "weights"), (report, "metrics")):
+        d.mkdir(parents=True)
+        (d / "f").write_text(text)
+    finished = tmp_path / "ckpt/run.finished"
+    finished.parent.mkdir()
+    _stash(finished, "fp-a", adapter, report)
+    new_adapter, new_report = tmp_path / "new/adapter", tmp_path / "new/report"
+    assert _restore(finished, "fp-a", new_adapter, new_report)
+    assert (new_adapter / "f").read_text() == "weights" and (new_report / "f").read_text() == "metrics"
+    assert not _restore(finished, "fp-b", tmp_path / "x/adapter", tmp_path / "x/report")
+    assert not finished.exists() and not (tmp_path / "x").exists()
