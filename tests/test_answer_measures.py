@@ -53,6 +53,10 @@ def test_report_says_which_measures_apply(tmp_path, source):
     assert answers in text
     assert f"Measures by source (this run: `{source}`)" in answers
     free_form = source != "embedded:probe"
+    # a free-form source gets no exact-match comparison: not overall, not per family, so no
+    # verdict or failure mode can rest on it
+    assert (inputs.paired.headline_em is None) == free_form
+    assert (inputs.paired.families_em == {}) == free_form
     exact_row = next(line for line in answers.splitlines() if line.startswith("| exact match |"))
     assert exact_row.endswith("| no: free-form answers almost never match word for word |") \
         == free_form

@@ -32,6 +32,7 @@ from qlora_diag.core.schemas import (
     SETUP_KEYS,
     SETUP_NESTED_KEYS,
 )
+from qlora_diag.data.overlap import exact_match_applies
 from qlora_diag.report.evidence import max_length_rate
 from qlora_diag.report.paired import PairedEvidence, build_paired_evidence
 from qlora_diag.report.verdicts import Diagnosis, diagnose
@@ -186,11 +187,15 @@ def all_runs(params: Params) -> list[str]:
     return [run_name(m, r, t, s) for r, t, s in sorted(cells) for m in ("lora", "qlora")]
 
 
-def paired_evidence(examples: dict[str, list[dict]], params: Params) -> PairedEvidence:
-    """:func:`~qlora_diag.report.paired.build_paired_evidence` with the params' settings."""
+def paired_evidence(examples: dict[str, list[dict]], params: Params,
+                    source: str) -> PairedEvidence:
+    """:func:`~qlora_diag.report.paired.build_paired_evidence` with the params' settings;
+    ``source``: the data source prepare read (reports/data.json), which decides whether exact
+    match is a measure at all."""
     return build_paired_evidence(
         examples, seed=params.seed, sweep_seeds=params.sweep.seeds,
         setting_seeds=params.sweep.setting_seeds, lora_r=params.lora.r,
+        exact_match_applies=exact_match_applies(source),
         lora_targets=params.lora.targets, ranks=params.sweep.ranks,
         presets=params.sweep.targets, margin=params.compare.margin,
         margin_exact_match=params.compare.margin_exact_match, n_boot=params.compare.n_boot)
@@ -236,7 +241,8 @@ def read_inputs(reports: Path, params: Params) -> ReportInputs:
         data=data,
         setup=_read_setup(reports / "compare" / "setup.json"),
         headline=headline, seed_runs=seed_runs, runs=runs, run_dirs=run_dirs,
-        no_stop_rate=no_stop, paired=paired_evidence(examples, params), floors=floors,
+        no_stop_rate=no_stop, paired=paired_evidence(examples, params, data["source"]),
+        floors=floors,
         transfer=transfer)
 
 

@@ -197,11 +197,14 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
                           sweep_seeds: Sequence[int], lora_r: int, lora_targets: str,
                           ranks: Sequence[int], presets: Sequence[str], margin: float,
                           margin_exact_match: float, n_boot: int,
-                          setting_seeds: Sequence[int] = ()) -> PairedEvidence:
+                          setting_seeds: Sequence[int] = (),
+                          exact_match_applies: bool = True) -> PairedEvidence:
     """All comparisons from ``examples`` (run name -> its examples.jsonl rows). Seeds, as
     dvc.yaml trains them: every rank and preset at ``[seed, *setting_seeds]``; the headline
     pair (``lora.r``, ``lora.targets``) at those and ``sweep_seeds``. The bootstrap's random
-    stream is seeded with ``seed`` so a rerun gives the same intervals."""
+    stream is seeded with ``seed`` so a rerun gives the same intervals. ``exact_match_applies``
+    False (a free-form source, :func:`qlora_diag.data.overlap.exact_match_applies`): no
+    exact-match comparison at all, overall or per family, whatever the records hold."""
     per_setting = list(dict.fromkeys([seed, *setting_seeds]))
     seeds = list(dict.fromkeys([*per_setting, *sweep_seeds]))
 
@@ -224,7 +227,7 @@ def build_paired_evidence(examples: Mapping[str, Sequence[dict]], *, seed: int,
                   f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     headline_loss = Comparison("headline", what_seeds, analyze(loss_recs, "eval_loss"))
     headline_em = families_em = None
-    if all(r is not None for r in em_recs):
+    if exact_match_applies and all(r is not None for r in em_recs):
         headline_em = Comparison("headline", what_seeds, analyze(em_recs, "exact_match"))
         common = set.intersection(*(set(r.family.tolist()) for r in em_recs))
         families_em = {}
