@@ -17,16 +17,6 @@ from qlora_diag.core import schemas
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"
-# Committed reference files whose writer changed after the reference run: their schema check is
-# skipped until the coordinator reruns the pipeline and removes them from this set (issue 11:
-# verdicts.json now carries each hypothesis's estimate, interval, margin and decision).
-PENDING_RERUN = {"verdicts.json"}
-
-
-def skip_if_pending_rerun(file: str) -> None:
-    if file in PENDING_RERUN:
-        pytest.skip(f"reports/{file} is from before its writer changed; rerun the reference "
-                    "pipeline and remove it from PENDING_RERUN in tests/test_schemas.py")
 
 
 def columns(path: Path) -> list[str]:
@@ -57,7 +47,6 @@ def test_reference_json_files_have_the_schema_keys_in_order(file, schema):
 
 
 def test_reference_verdicts_have_the_schema_keys():
-    skip_if_pending_rerun("verdicts.json")
     verdicts = json.loads((REPORTS / "verdicts.json").read_text())
     assert list(verdicts) == list(schemas.VERDICTS_KEYS)
     for h in ("h1", "h2", "h3"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from qlora_diag.core import numbers as fmt
-from qlora_diag.core.config import SMOLLM2, SMOLLM2_GGUF, Params, headline_seeds
+from qlora_diag.core.config import SMOLLM2, SMOLLM2_GGUF, Params, headline_seeds, setting_seeds
 from qlora_diag.report.inputs import ReportInputs
 from qlora_diag.report.tables import md_table
 from qlora_diag.report.verdicts import Diagnosis
@@ -96,9 +96,11 @@ def section_setup(inp: ReportInputs, p: Params) -> str:
            "(train.share_prefix: the same loss and gradient; LoRA dropout on those positions "
            "draws one mask per distinct prefix)." if p.train.share_prefix else ""))
     lines.append(
-        f"- **Runs**: rank sweep {_list(p.sweep.ranks)} on `{p.lora.targets}` (seed {p.seed}); "
-        f"noise floor: seeds {_list(headline_seeds(p))} at rank {p.lora.r}; module "
-        f"sweep {_list(p.sweep.targets)} at rank {p.lora.r}; H1 threshold θ = "
+        f"- **Runs**: rank sweep {_list(p.sweep.ranks)} on `{p.lora.targets}` and module "
+        f"sweep {_list(p.sweep.targets)} at rank {p.lora.r}, each at seeds "
+        f"{_list(setting_seeds(p))}; headline setting (rank {p.lora.r} on `{p.lora.targets}`) "
+        f"at seeds {_list(headline_seeds(p))}; same-init control: the adapter init of seed "
+        f"{p.seed} with the batch order of seed {p.sweep.seeds[0]}; H1 threshold θ = "
         f"{p.compare.cos_threshold:.2f}; subspace similarity over the top "
         f"{p.compare.subspace_k} singular directions.")
     lines.append(f"- **Libraries**: {versions}.")
