@@ -23,11 +23,11 @@ from qlora_diag.core.schemas import (
     FLOOR_QLORA,
     FLOOR_SAME,
 )
-from qlora_diag.report.statistics import DIFFERENCE_LEVEL
+from qlora_diag.report.statistics import DIFFERENCE_LEVEL, N_PERMUTATIONS
 
 # Up to this many relabellings are enumerated (exact p); beyond, N_PERM random ones.
 EXACT_MAX = 20_000
-N_PERM = 9999
+N_PERM = N_PERMUTATIONS
 
 BELOW = "below the floor"
 ABOVE = "above the floor"

@@ -19,11 +19,6 @@ from qlora_diag.report.verdict_types import (
     Verdict,
 )
 
-# A correlation across the sweep counts when its two-sided permutation p-value is below this.
-CORR_ALPHA = 0.05
-# Permutations when the sweep has more than 8 rows (exact below).
-N_PERM = 9999
-
 H1_RULE = (
     "Function level: the headline paired eval-loss gap QLoRA − LoRA (rank lora.r, lora.targets, "
     "every seed) decided against compare.margin δ: equivalent when the 90 % t-interval lies "
@@ -59,12 +54,12 @@ def verdict_h1(*, paired: PairedEvidence, floor: FloorTest, cos_threshold: float
     d = sweep[["cos_sim_mean", "token_match_rate"]].astype(float).dropna()
     corr = None
     if len(d) >= 3:
-        corr = st.spearman_test(d["cos_sim_mean"], d["token_match_rate"], n_perm=N_PERM,
+        corr = st.spearman_test(d["cos_sim_mean"], d["token_match_rate"], n_perm=st.N_PERMUTATIONS,
                                 rng_seed=rng_seed)
     if corr is None or math.isnan(corr.rho):
         corr_text = (f"whether weight similarity goes with token match across the sweep is "
                      f"undetermined (n = {len(d)})")
-    elif corr.p_value < CORR_ALPHA:
+    elif corr.p_value < st.PERMUTATION_ALPHA:
         corr_text = (f"across the sweep, cos(ΔW) and token match are "
                      f"{'positively' if corr.rho > 0 else 'negatively'} rank-correlated "
                      f"(Spearman ρ = {corr.rho:.2f}, permutation p = {corr.p_value:.3f}, "

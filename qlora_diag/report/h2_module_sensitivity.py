@@ -17,10 +17,6 @@ from qlora_diag.report.verdict_types import (
     Verdict,
 )
 
-CORR_ALPHA = 0.05
-N_PERM = 9999
-
-
 
 def contrast_words(label: str, preset: str, base: str) -> str:
     """A contrast's decision in words (its label compares ``preset``'s gap with ``base``'s)."""
@@ -51,9 +47,9 @@ def verdict_h2(*, paired: PairedEvidence, modules: pd.DataFrame, layers: pd.Data
     labels = [c.label for c in contrasts.values()]
     div = layers.assign(divergence=1 - layers["cos_sim"])[["quant_rel_error", "divergence"]]
     div = div.astype(float).dropna()
-    corr = (st.spearman_test(div["quant_rel_error"], div["divergence"], n_perm=N_PERM,
+    corr = (st.spearman_test(div["quant_rel_error"], div["divergence"], n_perm=st.N_PERMUTATIONS,
                              rng_seed=rng_seed) if len(div) >= 3 else None)
-    layer_rel = corr is not None and corr.p_value < CORR_ALPHA and corr.rho > 0
+    layer_rel = corr is not None and corr.p_value < st.PERMUTATION_ALPHA and corr.rho > 0
     if any(lab in (st.QLORA_WORSE, st.QLORA_BETTER) for lab in labels):
         status = SUPPORTED
     elif labels and all(lab == st.EQUIVALENT for lab in labels):

@@ -30,7 +30,7 @@ from qlora_diag.core.run_names import run_name
 from qlora_diag.report import statistics as st
 
 # Permutations of the trend test when there are more than 8 (rank, seed) points (exact below).
-N_PERM = 9999
+N_PERM = st.N_PERMUTATIONS
 
 
 def paired_seed_records(lora_rows: Sequence[dict], qlora_rows: Sequence[dict], seed: int,

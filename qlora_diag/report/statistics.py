@@ -57,6 +57,13 @@ OVER_BOTH = "seeds+examples"
 # Above this many points a permutation p-value is estimated from random permutations instead of
 # enumerating all n! of them (8! = 40 320 rows of 8 ranks is a few MB and milliseconds).
 EXACT_PERMUTATION_MAX_N = 8
+# Random permutations of the report's permutation tests (correlations, trends, floors) where
+# enumerating every relabelling is too many: p resolves to 1/10 000.
+N_PERMUTATIONS = 9999
+# A correlation or floor difference counts when its two-sided permutation p is below this
+# (the same 5 % as a difference: 1 − DIFFERENCE_LEVEL).
+PERMUTATION_ALPHA = 0.05
+
 # Largest number of paired seeds seeds_needed() searches; beyond it the answer is "not feasible".
 MAX_SEEDS_SEARCHED = 10_000_000
 # Bootstrap work is chunked so that one chunk holds at most this many resampled example indices
