@@ -579,20 +579,20 @@ def test_fanout_failure_then_rerun_submits_only_the_missing_stages(fanout, refer
     # the report names both stages, their state and their log
     assert status.returncode == 1, status.stdout + status.stderr
     out = status.stdout
-    assert "2 of 8 stage(s) did not finish" in out, out
+    assert "2 of 10 stage(s) did not finish" in out, out
     assert f"  {killed}: FAILED (failed (exit " in out, out
     assert f"dvc repro --single-item \"$STAGE\"); log {sweep1}/logs/{killed}.log" in out, out
     assert (f"  {cancelled}: NOT RUN (left the queue without starting: cancelled while pending"
             in out and f"log {sweep1}/logs/{cancelled}.log" in out), out
     assert f"Running stage '{killed}'" in (sweep1 / "logs" / f"{killed}.log").read_text()
-    # the six others pushed their run-cache entries (one each); the failed and cancelled none
-    assert fanout["entries_after_first"] == 6
+    # the eight others pushed their run-cache entries (one each); the failed and cancelled none
+    assert fanout["entries_after_first"] == 8
 
     # the rerun submits exactly the two, and the final repro trains nothing
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert (f"8 training stages; the run-cache answers 6, 2 to run: {killed}, {cancelled}"
+    assert (f"10 training stages; the run-cache answers 8, 2 to run: {killed}, {cancelled}"
             in rerun.stdout), rerun.stdout
-    assert run_cache_entries(fanout["remote"]) == 8
+    assert run_cache_entries(fanout["remote"]) == 10
     ran, restored = repro_log(sweep2 / "logs/final.log")
     assert ran == ["compare", "plot"]
     assert restored == set(SMOKE_STAGES)
@@ -659,7 +659,10 @@ def test_a_fresh_clone_gets_every_result_with_dvc_pull_and_experiments_travel(sh
         assert proc.returncode == 0, (step, proc.stdout[-2000:], proc.stderr[-2000:])
     ran = [x.split("'")[1] for x in shared["exp_run"].stdout.splitlines()
            if x.startswith("Running stage")]
-    assert ran == ["seeds_lora@5", "seeds_qlora@5", "compare", "plot"]
+    # the control stages depend on sweep.seeds (their data order is its first seed), so adding
+    # a seed reruns them too, to the same results
+    assert ran[-2:] == ["compare", "plot"]
+    assert sorted(ran[:-2]) == ["control_lora", "control_qlora", "seeds_lora@5", "seeds_qlora@5"]
     assert "more-seeds" in shared["exp_show"].stdout
     assert "Running stage" not in shared["repro_after_apply"].stdout
     for run in ("lora-r4-qv-s5", "qlora-r4-qv-s5"):
@@ -718,16 +721,19 @@ def test_fanout_through_s3_trains_only_the_new_seed(fanout, shared, s3_server, s
 
     proc = submit(project, slurm)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("10 training stages; the run-cache answers 8, 2 to run: seeds_lora@5, seeds_qlora@5"
+    # the control stages depend on sweep.seeds (their data order is its first seed): they run
+    # again, to the same results
+    new = ("seeds_lora@5", "seeds_qlora@5", "control_lora", "control_qlora")
+    assert (f"12 training stages; the run-cache answers 8, 4 to run: {', '.join(new)}"
             in proc.stdout), proc.stdout
     sweep = sweep_dir_of(proc.stdout)
-    for stage in ("seeds_lora@5", "seeds_qlora@5"):
+    for stage in new:
         assert f"Running stage '{stage}'" in (sweep / "logs" / f"{stage}.log").read_text()
-    # the eight earlier runs are in the workspace already ("didn't change"), the two new ones
-    # come from S3
+    # the eight unchanged stages' runs are in the workspace already ("didn't change"), the four
+    # rerun ones come from S3
     ran, restored = repro_log(sweep / "logs/final.log")
     assert ran == ["compare", "plot"]
-    assert restored == {"seeds_lora@5", "seeds_qlora@5"}
+    assert restored == set(new)
     assert "restored 2 stage(s) from the run-cache and ran compare, plot" in proc.stdout
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="qlora-sweeps",
                                                      Prefix="store/runs/")["Contents"]]

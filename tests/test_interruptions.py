@@ -153,7 +153,8 @@ def runs_of(cmdline: list[str]) -> list[str] | None:
     if "stages/train.py" not in cmdline:
         return None
     arg = {cmdline[i]: cmdline[i + 1] for i in range(len(cmdline) - 1) if cmdline[i].startswith("--")}
-    return [run_name(arg["--method"], int(arg["--rank"]), arg["--targets"], int(s))
+    data_seed = int(arg["--data-seed"]) if "--data-seed" in arg else None  # the control runs
+    return [run_name(arg["--method"], int(arg["--rank"]), arg["--targets"], int(s), data_seed)
             for s in arg["--seeds"].split(",")]
 
 
@@ -441,7 +442,8 @@ def test_every_stage_was_stopped_once_and_the_last_repro_completes(chain, stages
 
 @pytest.mark.parametrize("stage", [
     "base", "prepare", "quantize", "train_lora@2", "train_lora@4", "train_qlora@2", "train_qlora@4",
-    "seeds_lora@3", "seeds_qlora@3", "modules_lora@kv", "modules_qlora@kv", "compare", "plot"])
+    "seeds_lora@3", "seeds_qlora@3", "modules_lora@kv", "modules_qlora@kv", "control_lora",
+    "control_qlora", "compare", "plot"])
 def test_stage_stopped_midway_reruns_to_the_uninterrupted_result(chain, reference, stages, stage):
     """``stage`` was stopped while running; the next `dvc repro` ran it again (resuming training
     from its checkpoint) with no manual clean-up, and its outputs equal the reference run's."""
