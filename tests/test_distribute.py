@@ -734,7 +734,7 @@ def test_fanout_through_s3_trains_only_the_new_seed(fanout, shared, s3_server, s
     ran, restored = repro_log(sweep / "logs/final.log")
     assert ran == ["compare", "plot"]
     assert restored == set(new)
-    assert "restored 2 stage(s) from the run-cache and ran compare, plot" in proc.stdout
+    assert "restored 4 stage(s) from the run-cache and ran compare, plot" in proc.stdout
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="qlora-sweeps",
                                                      Prefix="store/runs/")["Contents"]]
     assert len(keys) == 2, keys  # one run-cache entry per job, nothing else
