@@ -737,5 +737,5 @@ def test_fanout_through_s3_trains_only_the_new_seed(fanout, shared, s3_server, s
     assert "restored 4 stage(s) from the run-cache and ran compare, plot" in proc.stdout
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="qlora-sweeps",
                                                      Prefix="store/runs/")["Contents"]]
-    assert len(keys) == 2, keys  # one run-cache entry per job, nothing else
+    assert len(keys) == 4, keys  # one run-cache entry per job (2 new seeds, 2 control), nothing else
     assert_same_results(project, shared["exp_metrics"])
