@@ -35,7 +35,7 @@ DVC_WRITTEN = (REPO / "dvc.lock").read_bytes()
 # What a kill can leave: DVC writes the lock through Python's 8 KiB file buffer, so the file holds
 # nothing or a multiple of 8 KiB until the dump ends.
 FLUSH = 8192
-TRAINING = ("train_", "seeds_", "modules_")
+TRAINING = ("train_", "seeds_", "modules_", "control_")
 
 
 def tiny_lock(*stages: str) -> bytes:
