@@ -329,7 +329,7 @@ def lock_outs(project: Path) -> dict[str, dict[str, str]]:
 def assert_stage_matches(stage: str, got: Path, want: Path) -> None:
     """The outputs of ``stage`` in project ``got`` equal those of the reference ``want``."""
     outs = lock_outs(want)[stage]
-    if stage.startswith(("train_", "seeds_", "modules_")):
+    if stage.startswith(("train_", "seeds_", "modules_", "control_")):
         adapters = [o for o in outs if o.startswith("models/adapters/")]
         reports = [o for o in outs if o.startswith("reports/train/")]
         assert len(adapters) == len(reports) >= 1
