@@ -270,7 +270,8 @@ def _run_json(spec: RunSpec, eval_loss: float, exact: float) -> dict:
             == "lora" else 1.0, "peak_mem_mb": 300.0 if spec.method == "lora" else 250.0,
             "peak_mem_growth_mb": 50.0, "memory_measure": "test",
             "step_time_median_s": 1.0 if spec.method == "lora" else 1.5, "tokens_per_s": 100.0,
-            "timed_steps": 1, "resumed_from_step": 0, "generation_s": 0.1, "wall_s": 1.0}
+            "timed_steps": 1, "resumed_from_step": 0, "train_steps_s": 0.5, "eval_s": 0.1,
+            "generation_s": 0.1, "wall_s": 1.0}
 
 
 # Saved greedy outputs of the headline pair: LoRA = [5, 6, 7] everywhere; QLoRA agrees on the

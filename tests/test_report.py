@@ -282,7 +282,8 @@ def write_inputs(root: Path, params_raw: dict, metrics: dict | None = None) -> P
                 "peak_mem_mb": row[f"peak_mem_mb_{method}"], "peak_mem_growth_mb": 650.0,
                 "memory_measure": "process peak resident memory (VmHWM, reset at start)",
                 "step_time_median_s": row[f"step_time_{method}_s"], "tokens_per_s": 450.0,
-                "timed_steps": 35, "resumed_from_step": 0, "generation_s": 3.1,
+                "timed_steps": 35, "resumed_from_step": 0, "train_steps_s": 30.0,
+                "eval_s": 2.0, "generation_s": 3.1,
                 "wall_s": 48.0}))
             with open(d / "generations.jsonl", "w") as fh:
                 for i in range(64):

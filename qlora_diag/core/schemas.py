@@ -60,7 +60,7 @@ RUN_KEYS = (
     "trainable_params", "eval_loss", "eval_perplexity", "eval_tokens", "train_loss_final",
     "exact_match", "exact_match_per_task", "chrf", "weights_mb", "peak_mem_mb", "peak_mem_growth_mb",
     "memory_measure", "step_time_median_s", "tokens_per_s", "timed_steps", "resumed_from_step",
-    "generation_s", "wall_s",
+    "train_steps_s", "eval_s", "generation_s", "wall_s",
 )
 # One line of reports/train/<run>/generations.jsonl and of
 # reports/compare/generations/<case>.jsonl: a greedy generation of one eval example.

@@ -27,8 +27,9 @@ class StepAlignedDVCLive(DVCLiveCallback):
 
 
 class EvalAndTimingCallback(TrainerCallback):
-    """Eval loss every ``eval_every`` steps on the whole eval split (logged and printed), and the
-    wall time of every optimizer step."""
+    """Eval loss every ``eval_every`` steps on the whole eval split (logged and printed), the
+    wall time of every optimizer step (``step_times``) and the seconds spent evaluating
+    (``eval_s``)."""
 
     def __init__(self, live, model_ref, eval_records, batch_size, pad_id, eval_every, max_steps):
         self.live, self.model_ref, self.eval_records = live, model_ref, eval_records
@@ -36,6 +37,7 @@ class EvalAndTimingCallback(TrainerCallback):
         self.eval_every, self.max_steps = eval_every, max_steps
         self.step_times: dict[int, float] = {}
         self.last_eval: EvalResult | None = None  # the evaluation after the final step
+        self.eval_s = 0.0
         self._t0 = 0.0
         self._t_start = time.perf_counter()
 
@@ -45,8 +47,10 @@ class EvalAndTimingCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times[state.global_step] = time.perf_counter() - self._t0
         if state.global_step % self.eval_every == 0 or state.global_step == self.max_steps:
+            t_eval = time.perf_counter()
             result = evaluate_examples(self.model_ref, self.eval_records, self.batch_size,
                                        self.pad_id)
+            self.eval_s += time.perf_counter() - t_eval
             loss = result.loss
             self.last_eval = result if state.global_step == self.max_steps else None
             self.live.step = state.global_step

@@ -303,8 +303,10 @@ def train_on_base(spec: RunSpec, model, inputs: RunInputs, *, trained_on: Path,
 
     # The curve's last point was evaluated after the final step; an interrupted-and-resumed run
     # whose last step completed before the kill has none, so it is computed then.
+    t_eval = time.perf_counter()
     final = evals.last_eval or evaluate_examples(model, eval_records, train.batch_size * 2,
                                                  tokenizer.pad_token_id)
+    eval_s = evals.eval_s + time.perf_counter() - t_eval
     eval_loss, eval_tokens = final.loss, final.n_tokens
     t_gen = time.perf_counter()
     outputs = generate_greedy(model, prompt_ids(gen_records),
@@ -333,6 +335,10 @@ def train_on_base(spec: RunSpec, model, inputs: RunInputs, *, trained_on: Path,
         "step_time_median_s": statistics.median(step_s) if step_s else None,
         "tokens_per_s": sum(tokens) / sum(step_s) if step_s else None,
         "timed_steps": len(step_s), "resumed_from_step": step_of(resume),
+        # where the run's time went: its optimizer steps (all of this process's, warm-up
+        # included), its evaluations (the curve's and the final one), its greedy decoding;
+        # wall_s adds the model load (first run of a process), set-up and saving
+        "train_steps_s": sum(evals.step_times.values()), "eval_s": eval_s,
         "generation_s": gen_s, "wall_s": time.perf_counter() - t_start,
     }
     for key in ("eval_loss", "eval_perplexity", "exact_match", "weights_mb", "peak_mem_mb",
