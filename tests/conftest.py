@@ -54,3 +54,25 @@ def reference(tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     durations = {s: b - a for s, (a, b) in r.seen.items()}
     return project, durations
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_base_dir):
+    """What `dvc repro base prepare quantize` leaves, for the tiny model: prepared probe
+    data and the 4-bit model with an fp32 compute dtype (the multi-run equality is an fp32 one)."""
+    from qlora_diag.data.splits import prepare_dataset
+    from qlora_diag.models.loading import load_tokenizer
+    from qlora_diag.models.quantization.save import quantize_and_save
+
+    root = tmp_path_factory.mktemp("bench")
+    prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,
+                    tokenizer=load_tokenizer(tiny_base_dir), out_dir=root / "data")
+    quantize_and_save(tiny_base_dir, root / "quantized", quant_type="nf4", double_quant=True,
+                      compute_dtype="float32")
+    # what prepare writes beside the prepared data: compare.max_new_tokens resolved, as the
+    # timed train.py processes read it (tiny_params_file's setting, 4)
+    from qlora_diag.data.resolved import write_resolved
+
+    write_resolved(root / "resolved.json", {"setting": 4, "value": 4, "train_response_p95": 4,
+                                            "rule": "fixture"})
+    return root

@@ -24,21 +24,6 @@ TRAIN = TrainCfg(max_steps=4, batch_size=4, lr=1e-3, lr_scheduler="linear", warm
 GEN = GenerationCfg(n_generate=4, max_new_tokens=4, batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def fp32_pipeline(tmp_path_factory, tiny_base_dir):
-    """Prepared tiny data and the tiny model quantized with an fp32 compute dtype."""
-    from qlora_diag.data.splits import prepare_dataset
-    from qlora_diag.models.loading import load_tokenizer
-    from qlora_diag.models.quantization.save import quantize_and_save
-
-    root = tmp_path_factory.mktemp("multi")
-    prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,
-                    tokenizer=load_tokenizer(tiny_base_dir), out_dir=root / "data")
-    quantize_and_save(tiny_base_dir, root / "quantized", quant_type="nf4", double_quant=True,
-                      compute_dtype="float32")
-    return root
-
-
 def _common(tiny_base_dir, root):
     return dict(base_dir=tiny_base_dir, quant_dir=root / "quantized", data_dir=root / "data",
                 base_dtype="float32", compute_dtype="float32", lora=LORA, train=TRAIN, gen=GEN)
@@ -53,9 +38,9 @@ def _assert_same_adapter(a, b):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_group_gives_each_runs_adapter_alone(fp32_pipeline, tiny_base_dir, tmp_path, method):
+def test_group_gives_each_runs_adapter_alone(tiny_pipeline, tiny_base_dir, tmp_path, method):
     specs = [RunSpec(method, 4, "qv", s) for s in (3, 7, 11)]
-    kw = _common(tiny_base_dir, fp32_pipeline)
+    kw = _common(tiny_base_dir, tiny_pipeline)
     group = train_group(specs, **kw, adapters_root=tmp_path / "g/adapters",
                         reports_root=tmp_path / "g/reports", checkpoint_root=tmp_path / "g/ckpt")
     assert [m["run"] for m in group] == [s.name for s in specs]
@@ -83,12 +68,12 @@ def test_group_refuses_mixed_methods():
 
 
 @pytest.mark.slow
-def test_killed_group_keeps_finished_runs_and_resumes(fp32_pipeline, tiny_base_dir, tmp_path):
+def test_killed_group_keeps_finished_runs_and_resumes(tiny_pipeline, tiny_base_dir, tmp_path):
     """A kill during the 2nd run of a group (after its step-2 checkpoint), with the outputs
     deleted as DVC does before rerunning a stage: the rerun restores the 1st run without
     training it, resumes the 2nd from step 2, and every adapter equals an uninterrupted group's."""
     specs = [RunSpec("lora", 4, "qv", s) for s in (3, 7)]
-    kw = _common(tiny_base_dir, fp32_pipeline)
+    kw = _common(tiny_base_dir, tiny_pipeline)
     train_group(specs, **kw, adapters_root=tmp_path / "ref/adapters",
                 reports_root=tmp_path / "ref/reports", checkpoint_root=tmp_path / "ref/ckpt")
     out = tmp_path / "int"
@@ -108,8 +93,8 @@ def test_killed_group_keeps_finished_runs_and_resumes(fp32_pipeline, tiny_base_d
                 os.kill(os.getpid(), signal.SIGKILL)
         transformers.Trainer._save_checkpoint = save_then_die
         train_group({specs!r}, base_dir=Path({str(tiny_base_dir)!r}),
-            quant_dir=Path({str(fp32_pipeline / 'quantized')!r}),
-            data_dir=Path({str(fp32_pipeline / 'data')!r}), base_dtype="float32",
+            quant_dir=Path({str(tiny_pipeline / 'quantized')!r}),
+            data_dir=Path({str(tiny_pipeline / 'data')!r}), base_dtype="float32",
             compute_dtype="float32", lora={LORA!r}, train={TRAIN!r}, gen={GEN!r},
             adapters_root=Path({str(out / 'adapters')!r}),
             reports_root=Path({str(out / 'reports')!r}), checkpoint_root=Path({str(out / 'ckpt')!r}))

@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from qlora_diag.core.atomic import atomic_dir
 from qlora_diag.core.config import LoraCfg, TrainCfg
 from qlora_diag.core.machine import choose_device
 from qlora_diag.train.checkpoints import fingerprint
@@ -38,22 +39,16 @@ FINISHED_FP = "fingerprint.txt"
 
 
 def _copy_dir(src: Path, dst: Path) -> None:
-    """Replace ``dst`` by a copy of ``src``, through a temporary name (a kill leaves no half)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    """Replace ``dst`` by a copy of ``src`` (atomically: a kill leaves no half)."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _stash(finished: Path, fp: str, adapter_out: Path, report_dir: Path) -> None:
-    tmp = finished.with_name(f".{finished.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(adapter_out, tmp / "adapter")
-    shutil.copytree(report_dir, tmp / "report")
-    (tmp / FINISHED_FP).write_text(fp)
-    shutil.rmtree(finished, ignore_errors=True)
-    tmp.rename(finished)
+    with atomic_dir(finished) as tmp:
+        shutil.copytree(adapter_out, tmp / "adapter")
+        shutil.copytree(report_dir, tmp / "report")
+        (tmp / FINISHED_FP).write_text(fp)
 
 
 def _restore(finished: Path, fp: str, adapter_out: Path, report_dir: Path) -> bool:
