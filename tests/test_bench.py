@@ -105,27 +105,6 @@ def test_missing_pipeline_outputs_is_a_user_error(tmp_path):
         check_inputs(tmp_path / "base", tmp_path / "quantized", tmp_path / "data")
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory, tiny_base_dir):
-    """What `dvc repro base prepare quantize` leaves, for the tiny model."""
-    from qlora_diag.data.splits import prepare_dataset
-    from qlora_diag.models.loading import load_tokenizer
-    from qlora_diag.models.quantization.save import quantize_and_save
-
-    root = tmp_path_factory.mktemp("bench")
-    prepare_dataset(source="embedded:probe", n_train=24, n_eval=8, max_length=96, seed=0,
-                    tokenizer=load_tokenizer(tiny_base_dir), out_dir=root / "data")
-    quantize_and_save(tiny_base_dir, root / "quantized", quant_type="nf4", double_quant=True,
-                      compute_dtype="float32")
-    # what prepare writes beside the prepared data: compare.max_new_tokens resolved, as the
-    # timed train.py processes read it (tiny_params_file's setting, 4)
-    from qlora_diag.data.resolved import write_resolved
-
-    write_resolved(root / "resolved.json", {"setting": 4, "value": 4, "train_response_p95": 4,
-                                            "rule": "fixture"})
-    return root
-
-
 @pytest.fixture()
 def one_thread():
     """One torch thread: a tiny model gains nothing from two, and on a machine shared with
@@ -173,6 +152,11 @@ def test_run_bench_end_to_end(tiny_base_dir, tiny_pipeline, tmp_path, one_thread
     assert result["paired_seeds_per_minute"] == pytest.approx(120 / total["seeds_per_process"])
     assert result["paired_seeds_speedup"] == pytest.approx(
         total["one_run_per_process"] / total["seeds_per_process"])
+    # the parts come from the runs' own reports and fit inside the processes' walls
+    for path, parts in result["paired_seeds_time_parts_s"].items():
+        assert all(parts[k] > 0 for k in ("train_steps_s", "eval_s", "generation_s")), parts
+        assert parts["other_s"] > 0 and sum(parts.values()) == pytest.approx(total[path])
+    assert result["paired_seeds_speedup_ceiling_steps_only"] > result["paired_seeds_speedup"]
     for key in ("train_throughput_ratio_lora", "train_throughput_ratio_qlora",
                 "qlora_lora_step_time_ratio", "qlora_lora_peak_mem_ratio", "generation_speedup",
                 "noop_repro_s", "train_roofline_fraction_lora", "train_roofline_fraction_qlora",
@@ -181,6 +165,13 @@ def test_run_bench_end_to_end(tiny_base_dir, tiny_pipeline, tmp_path, one_thread
                 "paired_seeds_per_minute", "paired_seeds_per_cpu_minute", "paired_seeds_speedup"):
         assert key in result, key
     assert set(result["goals"]) == set(GOALS)
+    # the K-adapter ceiling: K = the paired seeds, one timed round per batch after the warm-up
+    batched = result["batched_rows"]
+    assert batched["k"] == 2
+    for method in ("lora", "qlora"):
+        m = batched["methods"][method]
+        assert len(m["step_s_per_batch_single"]) == len(m["step_s_per_batch_repeated"]) == 2
+        assert result[f"batched_rows_speedup_{method}"] == m["speedup_per_example"] > 0
     for key in ("cpu_model", "cpu_cores", "torch_threads", "device", "dtype_lora", "torch",
                 "transformers", "peft", "bitsandbytes", "matmul_gflops_float32",
                 "matmul_gflops_bfloat16"):

@@ -12,6 +12,7 @@ paths alike; other processes on the machine still inflate both (the load average
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,9 +44,13 @@ def _scratch(base_dir: Path, quant_dir: Path, data_dir: Path,
     return work
 
 
+PARTS = ("train_steps_s", "eval_s", "generation_s")
+
+
 def _train(work: Path, method: str, rank: int, targets: str,
-           seeds: list[int]) -> float:
-    """Wall seconds of one ``stages/train.py`` process, start to exit."""
+           seeds: list[int]) -> tuple[float, dict[str, float]]:
+    """(wall seconds of one ``stages/train.py`` process, start to exit; the seconds its runs
+    spent in optimizer steps, evaluation and generation, summed from their run.json)."""
     env = {**os.environ, "PYTHONPATH": str(CODE_ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(CODE_ROOT / "stages/train.py"), "--method", method,
            "--rank", str(rank), "--targets", targets, "--seeds", ",".join(map(str, seeds))]
@@ -55,9 +60,11 @@ def _train(work: Path, method: str, rank: int, targets: str,
     if proc.returncode != 0:
         raise UserError(f"bench: `{' '.join(cmd[1:])}` failed (exit {proc.returncode}) in "
                         f"{work}:\n{proc.stderr[-2000:]}")
+    runs = [json.loads(f.read_text()) for f in (work / "reports/train").glob("*/run.json")]
+    parts = {k: sum(r[k] for r in runs) for k in PARTS}
     for out in ("models/adapters", "reports/train"):
         shutil.rmtree(work / out, ignore_errors=True)
-    return wall
+    return wall, parts
 
 
 def bench_paired_seeds(*, base_dir: Path, quant_dir: Path, data_dir: Path,
@@ -68,15 +75,20 @@ def bench_paired_seeds(*, base_dir: Path, quant_dir: Path, data_dir: Path,
     processes run one after another) and the speedup new / old."""
     work = _scratch(base_dir, quant_dir, data_dir, params_file)
     walls: dict[str, dict[str, list[float]]] = {OLD: {}, NEW: {}}
+    parts = {p: dict.fromkeys(PARTS, 0.0) for p in walls}
     load_start = load_average()
     try:
         for method, first, second in (("lora", OLD, NEW), ("qlora", NEW, OLD)):
             for path in (first, second):
                 log(f"bench: paired seeds, {method} {path.replace('_', ' ')} "
                     f"({len(seeds)} seeds)", flush=True)
-                walls[path][method] = (
-                    [_train(work, method, rank, targets, [s]) for s in seeds]
-                    if path == OLD else [_train(work, method, rank, targets, seeds)])
+                groups = [[s] for s in seeds] if path == OLD else [list(seeds)]
+                walls[path][method] = []
+                for group in groups:
+                    wall, spent = _train(work, method, rank, targets, group)
+                    walls[path][method].append(wall)
+                    for k in PARTS:
+                        parts[path][k] += spent[k]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = {p: sum(sum(w) for w in walls[p].values()) for p in walls}
@@ -88,6 +100,12 @@ def bench_paired_seeds(*, base_dir: Path, quant_dir: Path, data_dir: Path,
         "paired_seeds_speedup": per_min[NEW] / per_min[OLD],
         "paired_seeds_wall_s": total,
         "paired_seeds_process_walls_s": walls,
+        # where the processes' time went (summed over their runs' run.json), and the speedup
+        # of a path that spent nothing but the new path's optimizer steps: no layout of the
+        # same steps at the same speed per step can beat it
+        "paired_seeds_time_parts_s": {p: {**parts[p], "other_s": total[p] - sum(parts[p].values())}
+                                      for p in walls},
+        "paired_seeds_speedup_ceiling_steps_only": total[OLD] / parts[NEW]["train_steps_s"],
         "paired_seeds_config": {"rank": rank, "targets": targets, "seeds": list(seeds),
                                 "threads_per_process": threads, "cpu_model": cpu_model(),
                                 "cpu_cores": os.cpu_count(),
@@ -100,5 +118,10 @@ def bench_paired_seeds(*, base_dir: Path, quant_dir: Path, data_dir: Path,
             "all seeds over one loaded base. paired_seeds_per_minute = seeds / total wall "
             "minutes of the new path's LoRA and QLoRA processes; paired_seeds_per_cpu_minute = "
             "that divided by the torch threads of a process (the cores it computes on); "
-            "paired_seeds_speedup = new / one-run-per-process."),
+            "paired_seeds_speedup = new / one-run-per-process. paired_seeds_time_parts_s: the "
+            "seconds the runs of each path spent in optimizer steps, evaluations (curve and "
+            "final) and greedy generation (their run.json), other_s the rest of the processes' "
+            "wall (imports, loading, set-up, saving); paired_seeds_speedup_ceiling_steps_only = "
+            "one-run-per-process wall / the new path's optimizer-step seconds, the speedup of a "
+            "path that did nothing but those steps at the same speed per step."),
     }

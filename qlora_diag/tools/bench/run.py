@@ -10,6 +10,8 @@ from qlora_diag.core.atomic import write_json
 from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import choose_device, load_average
+from qlora_diag.models.loading import load_tokenizer
+from qlora_diag.tools.bench.batched import bench_batched_rows
 from qlora_diag.tools.bench.generation import bench_generation
 from qlora_diag.tools.bench.matmul import MATMUL_SHAPE, machine_facts
 from qlora_diag.tools.bench.measures import GOALS, TRAIN_RATIO_AIM, goal_status
@@ -18,6 +20,15 @@ from qlora_diag.tools.bench.paired import bench_paired_seeds
 from qlora_diag.tools.bench.repro import time_noop_repro
 from qlora_diag.tools.bench.training import TrainSetup, bench_training
 from qlora_diag.train.trainer import METHODS, GenerationCfg
+
+BATCHED_NOTES = (
+    "the ceiling of training K = len(paired_seeds_config.seeds) adapters in one batch (one per "
+    "seed, rows routed to their adapter): per-example time of one training step (forward + "
+    "backward, response-only loss, one LoRA adapter) on a bench.batch_size batch over the same "
+    "batch repeated K times (equal padding, prefix sharing off in both), median over rounds "
+    "of the per-round ratio; batched_rows_speedup_* near 1 = the base's matmuls gain nothing "
+    "from K x the rows on this machine, so a K-adapter path cannot beat training the seeds "
+    "one after another here")
 
 # The two training paths of every method (:mod:`qlora_diag.tools.bench.training`).
 PATHS = ("project", "reference")
@@ -52,11 +63,24 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
     """
     t_start = time.perf_counter()
     check_inputs(base_dir, quant_dir, data_dir)
+    device = choose_device()
+    setup = TrainSetup(
+        base_dir=str(base_dir), quant_dir=str(quant_dir), data_dir=str(data_dir),
+        base_dtype=base_dtype, compute_dtype=compute_dtype,
+        lora=dataclasses.replace(lora, r=bench.rank),
+        train=dataclasses.replace(train, batch_size=bench.batch_size,
+                                  max_steps=bench.warmup_steps + bench.steps),
+        seed=seed)
     log(f"bench: paired seeds per minute, {len(paired_seeds)} seeds, both ways", flush=True)
     paired = bench_paired_seeds(base_dir=base_dir, quant_dir=quant_dir,
                                 data_dir=data_dir, params_file=params_file, rank=lora.r,
                                 targets=lora.targets, seeds=paired_seeds, threads=threads,
                                 log=log)
+    batched = bench_batched_rows(setup, len(paired_seeds), bench.warmup_steps,
+                                 load_tokenizer(base_dir).pad_token_id, device, log=log)
+    paired.update({f"batched_rows_speedup_{m}": batched["methods"][m]["speedup_per_example"]
+                   for m in METHODS})
+    paired["batched_rows"] = {**batched, "notes": BATCHED_NOTES}
     if paired_only:
         import json
 
@@ -66,15 +90,7 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
             paired["paired_seeds_speedup"], *GOALS["paired_seeds_speedup"])}
         write_json(out_path, result)
         return result
-    device = choose_device()
     load_start = load_average()
-    setup = TrainSetup(
-        base_dir=str(base_dir), quant_dir=str(quant_dir), data_dir=str(data_dir),
-        base_dtype=base_dtype, compute_dtype=compute_dtype,
-        lora=dataclasses.replace(lora, r=bench.rank),
-        train=dataclasses.replace(train, batch_size=bench.batch_size,
-                                  max_steps=bench.warmup_steps + bench.steps),
-        seed=seed)
 
     log("bench: machine facts and matmul rates", flush=True)
     machine = machine_facts(device, base_dtype, compute_dtype)
@@ -197,4 +213,7 @@ def paired_line(result: dict) -> str:
             f"-> {result['paired_seeds_per_minute']:.2f} paired seeds/min "
             f"({result['paired_seeds_per_cpu_minute']:.2f} per CPU-minute), speedup "
             f"x{result['paired_seeds_speedup']:.2f}; load avg {cfg['loadavg_start']} -> "
-            f"{cfg['loadavg_end']}")
+            f"{cfg['loadavg_end']}; a batch of {len(cfg['seeds'])} x the rows per example: "
+            f"LoRA x{result['batched_rows_speedup_lora']:.2f}, "
+            f"QLoRA x{result['batched_rows_speedup_qlora']:.2f} (the ceiling of K adapters "
+            "in one batch)")
