@@ -40,21 +40,27 @@ HALF_WIDTH = 0.05               # nats/token: the 95 % interval half-width the s
 MAX_SEEDS = 10_000
 
 
-def recipes(p) -> list[tuple[str, dict]]:
-    """(name, overrides) one factor at a time around params.yaml's recipe, cheapest first;
-    overrides are dotted keys of params.yaml. Decay to zero is linear only (cosine would be one
-    more recipe of the same cost; on 2 shared cores the study had no time for it)."""
+def recipes(p) -> list[dict]:
+    """Overrides (dotted keys of params.yaml) one factor at a time around params.yaml's recipe,
+    cheapest first. A row is named by its whole recipe (:func:`recipe_name`), so rows measured
+    around an earlier default keep their meaning in the merged table. Decay to zero is linear
+    only (cosine would be one more recipe of the same cost)."""
     t = p.train
+    other_schedule = "constant_with_warmup" if t.lr_scheduler != "constant_with_warmup" else "linear"
     return [
-        ("default", {}),
-        ("dropout 0", {"lora.dropout": 0.0}),
-        ("linear decay to 0", {"train.lr_scheduler": "linear"}),
-        (f"n_eval {4 * p.data.n_eval}", {"data.n_eval": 4 * p.data.n_eval}),
-        (f"{2 * t.max_steps} steps", {"train.max_steps": 2 * t.max_steps}),
-        (f"{4 * t.max_steps} steps", {"train.max_steps": 4 * t.max_steps}),
-        (f"linear, dropout 0, {2 * t.max_steps} steps",
-         {"train.lr_scheduler": "linear", "lora.dropout": 0.0, "train.max_steps": 2 * t.max_steps}),
+        {},
+        {"train.lr_scheduler": other_schedule},
+        {"lora.dropout": 0.0 if p.lora.dropout else 0.05},
+        {"data.n_eval": 4 * p.data.n_eval},
+        {"train.max_steps": 2 * t.max_steps},
+        {"train.max_steps": 4 * t.max_steps},
     ]
+
+
+def recipe_name(p) -> str:
+    """The recipe a row measured, in full: schedule, steps, eval-split size, LoRA dropout."""
+    return (f"{p.train.lr_scheduler}, {p.train.max_steps} steps, n_eval {p.data.n_eval}, "
+            f"dropout {p.lora.dropout:g}")
 
 
 def seeds_for_half_width(sd: float, half_width: float = HALF_WIDTH) -> int | None:
@@ -98,7 +104,8 @@ def materialize_inputs(p, root: Path, n_eval: int) -> tuple[Path, Path, Path]:
     return base, quant, data
 
 
-def study_recipe(p, root: Path, name: str, seeds: tuple[int, ...]) -> dict:
+def study_recipe(p, root: Path, seeds: tuple[int, ...], threads: int) -> dict:
+    name = recipe_name(p)
     base, quant, data = materialize_inputs(p, root, p.data.n_eval)
     gen = GenerationCfg(n_generate=p.compare.n_generate, max_new_tokens=p.compare.max_new_tokens,
                         batch_size=p.compare.gen_batch_size)
@@ -133,26 +140,55 @@ def study_recipe(p, root: Path, name: str, seeds: tuple[int, ...]) -> dict:
         "eval_loss_qlora_mean": statistics.fmean(losses["qlora"].values()),
         "gaps": " ".join(f"{g:+.4f}" for g in gaps),
         "load_avg_1min": " -> ".join(f"{la[0]:.1f}" for la in (load_before, load_after) if la),
+        "machine": cpu_model(), "torch_threads": threads,
     }
 
 
-def write_tables(rows: list[dict], missing: list[str], out_dir: Path, note: str) -> None:
+def read_rows(csv_path: Path) -> list[dict]:
+    """Rows of an earlier study (the table is merged, not replaced: a recipe measured before
+    keeps its row unless it is measured again)."""
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every row of a recipe in ``new`` replaced by the new one, new recipes last."""
+    fresh = {r["recipe"]: r for r in new}
+    kept = [fresh.pop(r["recipe"], r) for r in old]
+    return kept + list(fresh.values())
+
+
+def _cell(value, column: str) -> str:
+    if isinstance(value, str) and column == "wall_s_per_paired_seed" and value:
+        value = float(value)  # a row read back from the CSV
+    if isinstance(value, float):
+        return f"{value:.4f}" if column in ("gap_mean", "gap_sd") or column.startswith("eval") \
+            or column == "dropout" else f"{value:.1f}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], missing: list[str], out_dir: Path, note: str,
+                 default: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out_dir / "design_study.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     cols = ["recipe", "gap_mean", "gap_sd", "seeds_for_pm_0.05", "wall_s_per_paired_seed",
-            "load_avg_1min", "gaps"]
+            "torch_threads", "load_avg_1min", "gaps"]
     lines = ["# Design study: noise of the paired QLoRA - LoRA eval-loss gap per recipe", "",
              note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(
-            (f"{r[c]:.4f}" if c in ("gap_mean", "gap_sd") else f"{r[c]:.1f}"
-             if isinstance(r[c], float) else str(r[c])) for c in cols) + " |")
+        cells = [_cell(r.get(c, ""), c) for c in cols]
+        if r["recipe"] == default:
+            cells[0] = f"**{cells[0]}** (params.yaml)"
+        lines.append("| " + " | ".join(cells) + " |")
     if missing:
-        lines += ["", f"Not run (study cut short): {', '.join(missing)}."]
+        lines += ["", f"Not run (study cut short): {'; '.join(missing)}."]
     (out_dir / "design_study.md").write_text("\n".join(lines) + "\n")
 
 
@@ -161,38 +197,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--out", default=str(REPO / "reports"))
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temp dir)")
-    parser.add_argument("--only", default=None, help="comma-separated recipe names to run")
+    parser.add_argument("--only", default=None,
+                        help="';'-separated recipe names to (re)measure, as in the table's "
+                             "recipe column; default: every recipe the table lacks")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default train.threads); 1 holds up far better than "
                              "2 when other processes share 2 cores")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite design_study.md from design_study.csv (no training)")
     a = parser.parse_args(argv)
     p = load_params(a.params)
     threads = configure_threads(p.train.threads if a.threads is None else a.threads)
-    root = Path(a.work or tempfile.mkdtemp(prefix="qlora-design-"))
-    plan = recipes(p)
+    out = Path(a.out)
+    rows = read_rows(out / "design_study.csv")
+    plan = [(recipe_name(q), q) for q in (_apply(p, o) for o in recipes(p))]
+    names = [n for n, _ in plan]
     if a.only:
-        wanted = set(a.only.split(","))
+        wanted = [n.strip() for n in a.only.split(";")]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise SystemExit(f"design study: --only {'; '.join(unknown)}: not a recipe of this "
+                             f"params file; its recipes are: {'; '.join(names)}")
         plan = [r for r in plan if r[0] in wanted]
-    note = (f"Machine: {cpu_model()}, {threads} torch thread(s); model {p.base.model}, data "
-            f"{p.data.source}, rank {p.lora.r}, targets {p.lora.targets}; seeds "
-            f"{', '.join(map(str, STUDY_SEEDS))}. gap = QLoRA - LoRA eval loss (nats/token) per "
-            f"seed; seeds_for_pm_0.05 = smallest n with t(0.975, n-1)*sd/sqrt(n) <= "
+    else:
+        measured = {r["recipe"] for r in rows}
+        plan = [r for r in plan if r[0] not in measured]
+    note = (f"Model {p.base.model}, data {p.data.source}, rank {p.lora.r}, targets "
+            f"{p.lora.targets}; seeds {', '.join(map(str, STUDY_SEEDS))}. Each row is named by "
+            "its whole recipe and varies one factor at a time around the params.yaml recipe of "
+            "when it was measured; the bold row is params.yaml's recipe now. gap = QLoRA - "
+            "LoRA eval loss (nats/token) per seed; seeds_for_pm_0.05 = smallest n with "
+            "t(0.975, n-1)*sd/sqrt(n) <= "
             f"{HALF_WIDTH}; wall seconds per paired seed = one LoRA + one QLoRA run in a "
             "multi-run process (sum of the runs' wall_s: model loads shared by the group, "
-            "process start and imports not included), "
-            "inflated when the 1-minute load average (before -> after) exceeds the core count. "
+            "process start and imports not included), on the machine and torch threads of the "
+            "row (design_study.csv), inflated when the 1-minute load average (before -> after) "
+            "exceeds the 2 cores: compare wall seconds only between rows measured alike. "
             "The SD is from 5 seeds: its own 95 % range is about 0.6x to 2.9x the value.")
-    rows: list[dict] = []
-    print(f"design study: scratch directory {root}", flush=True)
-    for i, (name, overrides) in enumerate(plan):
+    if a.render:
+        write_tables(rows, [], out, note, names[0])
+        return
+    root = Path(a.work or tempfile.mkdtemp(prefix="qlora-design-"))
+    print(f"design study: scratch directory {root}; {len(plan)} recipe(s) to measure", flush=True)
+    for i, (name, q) in enumerate(plan):
         print(f"design study: recipe {name!r} ({i + 1}/{len(plan)})", flush=True)
-        row = study_recipe(_apply(p, overrides), root, name, STUDY_SEEDS)
-        rows.append(row)
+        row = study_recipe(q, root, STUDY_SEEDS, threads)
+        rows = merge_rows(rows, [row])
         print(f"design study: {name}: gap {row['gap_mean']:+.4f} sd {row['gap_sd']:.4f} "
               f"-> {row['seeds_for_pm_0.05']} seeds; {row['wall_s_per_paired_seed']:.0f} s per "
               f"paired seed", flush=True)
-        write_tables(rows, [n for n, _ in plan[i + 1:]], Path(a.out), note)
-    print(f"design study: wrote {Path(a.out) / 'design_study.csv'} and .md", file=sys.stderr)
+        write_tables(rows, [n for n, _ in plan[i + 1:]], out, note, names[0])
+    print(f"design study: wrote {out / 'design_study.csv'} and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":
