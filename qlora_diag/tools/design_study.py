@@ -144,13 +144,22 @@ def study_recipe(p, root: Path, seeds: tuple[int, ...], threads: int) -> dict:
     }
 
 
+FLOAT_COLUMNS = ("dropout", "gap_mean", "gap_sd", "wall_s_per_paired_seed",
+                 "eval_loss_lora_mean", "eval_loss_qlora_mean")
+
+
 def read_rows(csv_path: Path) -> list[dict]:
     """Rows of an earlier study (the table is merged, not replaced: a recipe measured before
     keeps its row unless it is measured again)."""
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # the measured floats as study_recipe returns them (the CSV holds text)
+        for c in FLOAT_COLUMNS:
+            if r.get(c):
+                r[c] = float(r[c])
+    return rows
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -161,11 +170,8 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def _cell(value, column: str) -> str:
-    if isinstance(value, str) and column == "wall_s_per_paired_seed" and value:
-        value = float(value)  # a row read back from the CSV
     if isinstance(value, float):
-        return f"{value:.4f}" if column in ("gap_mean", "gap_sd") or column.startswith("eval") \
-            or column == "dropout" else f"{value:.1f}"
+        return f"{value:.4f}" if column in ("gap_mean", "gap_sd") else f"{value:.1f}"
     return str(value)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from qlora_diag.core.machine import load_average
 from qlora_diag.data.batching import collate
+from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.train.losses import response_loss_sum
 from qlora_diag.train.trainer import METHODS, attach_lora
 
@@ -39,11 +40,12 @@ def _step_s(model, rows: list[dict], pad_id: int, device: torch.device) -> float
     return seconds
 
 
-def bench_batched_rows(setup, k: int, warmup_rounds: int, pad_id: int, device: torch.device,
+def bench_batched_rows(setup, k: int, warmup_rounds: int, device: torch.device,
                        log=print) -> dict:
     """Per-example speedup of a K-row-times batch over a single batch, per method (see the
     module doc). ``setup``: a :class:`~qlora_diag.tools.bench.training.TrainSetup`; one round
     per batch of ``setup.batches()``, the first ``warmup_rounds`` untimed."""
+    pad_id = load_tokenizer(setup.base_dir).pad_token_id
     load_start = load_average()
     out: dict = {"k": k, "methods": {}}
     for method in METHODS:

@@ -10,7 +10,6 @@ from qlora_diag.core.atomic import write_json
 from qlora_diag.core.config import BenchCfg, LoraCfg, TrainCfg
 from qlora_diag.core.errors import UserError
 from qlora_diag.core.machine import choose_device, load_average
-from qlora_diag.models.loading import load_tokenizer
 from qlora_diag.tools.bench.batched import bench_batched_rows
 from qlora_diag.tools.bench.generation import bench_generation
 from qlora_diag.tools.bench.matmul import MATMUL_SHAPE, machine_facts
@@ -76,8 +75,7 @@ def run_bench(*, base_dir: Path, quant_dir: Path, data_dir: Path, base_dtype: st
                                 data_dir=data_dir, params_file=params_file, rank=lora.r,
                                 targets=lora.targets, seeds=paired_seeds, threads=threads,
                                 log=log)
-    batched = bench_batched_rows(setup, len(paired_seeds), bench.warmup_steps,
-                                 load_tokenizer(base_dir).pad_token_id, device, log=log)
+    batched = bench_batched_rows(setup, len(paired_seeds), bench.warmup_steps, device, log=log)
     paired.update({f"batched_rows_speedup_{m}": batched["methods"][m]["speedup_per_example"]
                    for m in METHODS})
     paired["batched_rows"] = {**batched, "notes": BATCHED_NOTES}
